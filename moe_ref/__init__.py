@@ -1,0 +1,24 @@
+"""moe_ref: a tested reference for Mixture-of-Experts inference batching.
+
+Legend used throughout: T tokens, D d_model, F d_ff per expert, E experts, K top-k,
+C capacity per expert, P expert-parallel ranks.
+"""
+
+from .capacity import CapacityResult, apply_capacity, expert_capacity, priority_rank
+from .config import CapacityConfig, MoEConfig
+from .grouping import DispatchPlan, group_by_expert
+from .layer import MoELayer, MoEOutput, moe_forward
+from .permute import permute, unpermute
+from .reference import expert_ffn, reference_moe, swiglu
+from .router import Routing, route
+from .stats import MoEStats, expert_counts
+from .strategy import register_strategy, strategy_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapacityConfig", "CapacityResult", "DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "MoEStats",
+    "Routing", "apply_capacity", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",
+    "moe_forward", "permute", "priority_rank", "reference_moe", "register_strategy", "route",
+    "strategy_names", "swiglu", "unpermute",
+]

@@ -1,0 +1,96 @@
+"""Token grouping: reorder the T*K (token, choice) assignments so each expert's are contiguous.
+
+Legend: T tokens, K top-k, E experts, N kept assignments (T*K minus dropped), S = T*K slots.
+A "slot" is one (token, choice) pair, numbered s = t*K + k. Grouping is a stable sort of the
+slots by expert id; two ways to build it are given so they can be compared:
+  "argsort":  a stable argsort of the expert ids (torchtitan, HF grouped_mm);
+  "counting": histogram -> prefix sum -> each slot's rank within its expert -> scatter
+              (the counting sort GPU kernels use: vLLM moe_align_block_size, DeepSpeed cumsum).
+Both give the same plan: within an expert, slots stay in token order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUPING_METHODS = ("argsort", "counting")
+
+
+@dataclass
+class DispatchPlan:
+    """Where every assignment goes.
+
+    counts:       [E] int64 kept assignments per expert.
+    offsets:      [E+1] int64 exclusive prefix sum of counts: expert e owns rows offsets[e]:offsets[e+1].
+    sorted_slots: [N] int64 slot id (t*K + k) of each grouped row.
+    token_ids:    [N] int64 token of each grouped row (sorted_slots // K).
+    inverse:      [S] int64 grouped row of each slot, -1 for a dropped slot.
+    rank:         [S] int64 position of each slot within its expert's block, -1 for dropped.
+    """
+
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    token_ids: torch.Tensor
+    inverse: torch.Tensor
+    rank: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        """N, the number of grouped rows."""
+        return self.sorted_slots.shape[0]
+
+    def expert_of_row(self) -> torch.Tensor:
+        """[N] expert id of each grouped row."""
+        return torch.repeat_interleave(torch.arange(self.num_experts, device=self.counts.device), self.counts)
+
+
+def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "argsort") -> DispatchPlan:
+    """Build the DispatchPlan for topk_ids [T, K] (entries -1 are dropped and skipped)."""
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be a [T, K] tensor, got {getattr(topk_ids, 'shape', topk_ids)}")
+    if topk_ids.dtype.is_floating_point:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if method not in GROUPING_METHODS:
+        raise ValueError(f"method must be one of {GROUPING_METHODS}, got {method!r}")
+    T, K = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()  # [S]
+    if flat.numel() and (int(flat.max()) >= num_experts or int(flat.min()) < -1):
+        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    dev = flat.device
+    valid = flat >= 0  # [S]
+    counts = torch.bincount(flat[valid], minlength=num_experts)  # [E]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)  # [E+1]
+    S = flat.numel()
+    if method == "argsort":
+        # dropped slots get key E so they sort past every real expert, then are cut off
+        key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+        order = torch.sort(key, stable=True).indices  # [S]
+        sorted_slots = order[: int(offsets[-1])]  # [N]
+        rank = torch.full((S,), -1, dtype=torch.long, device=dev)
+        pos = torch.arange(sorted_slots.numel(), device=dev)
+        rank[sorted_slots] = pos - offsets[flat[sorted_slots]]
+    else:
+        # rank of each slot within its expert = how many earlier slots chose the same expert
+        onehot = torch.zeros(S, num_experts, dtype=torch.long, device=dev)  # [S, E]
+        onehot[valid.nonzero().squeeze(1), flat[valid]] = 1
+        rank_all = onehot.cumsum(0) - onehot  # [S, E] exclusive running count per expert
+        rank = torch.where(valid, rank_all.gather(1, flat.clamp(min=0)[:, None]).squeeze(1), -1)  # [S]
+        dest = offsets[flat.clamp(min=0)] + rank  # [S] grouped row of each slot
+        sorted_slots = torch.empty(int(offsets[-1]), dtype=torch.long, device=dev)
+        sorted_slots[dest[valid]] = torch.arange(S, device=dev)[valid]  # scatter
+    inverse = torch.full((S,), -1, dtype=torch.long, device=dev)
+    inverse[sorted_slots] = torch.arange(sorted_slots.numel(), device=dev)
+    return DispatchPlan(counts=counts, offsets=offsets, sorted_slots=sorted_slots,
+                        token_ids=sorted_slots // max(K, 1), inverse=inverse, rank=rank,
+                        num_tokens=T, top_k=K)

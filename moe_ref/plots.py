@@ -1,0 +1,35 @@
+"""Pure plotting functions: data in, matplotlib Figure out (notebooks and widgets call these).
+
+Never imported by the core pipeline. Uses the non-interactive Agg backend unless one is set.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "widget", "ipympl"):
+    matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def plot_bench_cpu(result: dict) -> Figure:
+    """Bar chart of milliseconds per provider, one panel per (dtype, T), with the GEMM-only bound marked."""
+    rows = result["rows"]
+    cases = sorted({(r["dtype"], r["tokens"]) for r in rows}, key=lambda c: (c[0], c[1]))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
+    for ax, (dt, T) in zip(axes[0], cases):
+        sel = [r for r in rows if r["dtype"] == dt and r["tokens"] == T]
+        names = [r["provider"] for r in sel]
+        ms = [r["seconds"] * 1e3 for r in sel]
+        colors = ["#888888" if n == "gemm_only" else "#3b75af" for n in names]
+        ax.bar(names, ms, color=colors)
+        for i, r in enumerate(sel):
+            ax.text(i, ms[i], f"{r['ratio_to_bound']:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{dt}, T={T}")
+        ax.set_ylabel("ms (median)")
+        ax.tick_params(axis="x", rotation=35)
+    m = result["machine"]
+    fig.suptitle(f"{result['shape']['name']} on {m['device']} — torch {m['torch']}, {m['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    return fig

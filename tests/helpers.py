@@ -1,0 +1,36 @@
+"""Test helpers: random configurations and a comparison that shows what differs."""
+
+from __future__ import annotations
+
+import torch
+
+import moe_ref
+
+# tolerances against the float64 reference, by compute dtype (documented in docs/testing.md)
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-2, atol=2e-3),
+    torch.bfloat16: dict(rtol=5e-2, atol=2e-2),
+}
+
+
+def make_case(T, D, F, E, K, *, dtype=torch.float64, seed=0, renormalize=True):
+    """A layer and an input x [T, D] with deterministic random values."""
+    cfg = moe_ref.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, renormalize=renormalize)
+    layer = moe_ref.MoELayer(cfg, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    return layer, x
+
+
+def hand_routing(ids, weights=None):
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if weights is None:
+        weights = torch.full(ids.shape, 1.0 / max(ids.shape[1], 1))
+    return moe_ref.Routing(topk_ids=ids, topk_weights=torch.as_tensor(weights, dtype=torch.float32))
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    tol = TOL[dtype or actual.dtype]
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), **tol, msg=lambda m: f"{msg}\n{m}")

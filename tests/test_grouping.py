@@ -1,0 +1,73 @@
+"""Grouping and permutation invariants."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import moe_ref
+
+
+@st.composite
+def routings(draw):
+    E = draw(st.integers(1, 12))
+    K = draw(st.integers(1, E))
+    T = draw(st.integers(0, 80))
+    seed = draw(st.integers(0, 10_000))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    if draw(st.booleans()) and T:
+        ids[torch.rand(T, K, generator=g) < 0.2] = -1  # some dropped
+    return ids, E
+
+
+@given(routings())
+def test_plan_invariants(case):
+    ids, E = case
+    T, K = ids.shape
+    plan = moe_ref.group_by_expert(ids, E)
+    valid = ids.reshape(-1) >= 0
+    assert int(plan.counts.sum()) == int(valid.sum()) == plan.num_rows
+    assert plan.offsets[0] == 0 and torch.equal(plan.offsets[1:], plan.counts.cumsum(0))
+    # the plan is a permutation of the kept slots, grouped by expert, token order inside an expert
+    assert sorted(plan.sorted_slots.tolist()) == valid.nonzero().squeeze(1).tolist()
+    flat = ids.reshape(-1)
+    e_rows = flat[plan.sorted_slots]
+    assert torch.equal(e_rows, plan.expert_of_row())
+    for e in range(E):
+        blk = plan.sorted_slots[plan.offsets[e]:plan.offsets[e + 1]]
+        assert torch.all(blk[1:] > blk[:-1])
+    assert torch.equal(plan.token_ids, plan.sorted_slots // K)
+    assert torch.equal(plan.inverse[plan.sorted_slots], torch.arange(plan.num_rows))
+    assert torch.all(plan.inverse[~valid] == -1)
+
+
+@given(routings())
+def test_argsort_and_counting_sort_agree(case):
+    ids, E = case
+    a = moe_ref.group_by_expert(ids, E, method="argsort")
+    c = moe_ref.group_by_expert(ids, E, method="counting")
+    for f in ("counts", "offsets", "sorted_slots", "token_ids", "inverse", "rank"):
+        assert torch.equal(getattr(a, f), getattr(c, f)), f
+
+
+@given(routings())
+def test_permute_unpermute_roundtrip(case):
+    ids, E = case
+    T, K = ids.shape
+    x = torch.randn(T, 5, dtype=torch.float64)
+    plan = moe_ref.group_by_expert(ids, E)
+    xs = moe_ref.permute(x, plan)
+    w = torch.rand(T, K)
+    y = moe_ref.unpermute(xs, plan, w)  # identity experts: y = sum of kept weights * x
+    kept = torch.where(ids >= 0, w.double(), 0).sum(1, keepdim=True)
+    torch.testing.assert_close(y, kept * x)
+
+
+def test_bad_method_and_ids():
+    with pytest.raises(ValueError, match="method"):
+        moe_ref.group_by_expert(torch.zeros(2, 1, dtype=torch.long), 2, method="bogus")
+    with pytest.raises(ValueError, match="topk_ids values"):
+        moe_ref.group_by_expert(torch.tensor([[5]]), 2)
+    with pytest.raises(TypeError):
+        moe_ref.group_by_expert(torch.zeros(2, 1), 2)

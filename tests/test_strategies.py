@@ -1,0 +1,117 @@
+"""Every strategy equals the float64 reference wherever nothing is dropped."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import moe_ref
+from helpers import assert_close, hand_routing, make_case
+
+TORCH_STRATEGIES = ["dense", "loop", "grouped", "grouped_mm", "padded"]
+F64 = ["dense", "loop", "grouped", "padded"]  # grouped_mm has no float64 kernel
+
+
+def run(layer, x, strategy, routing=None):
+    """Run strategy; grouped_mm computes in float32 from the float64 case."""
+    if strategy == "grouped_mm" and x.dtype == torch.float64:
+        layer32 = moe_ref.MoELayer(layer.cfg, dtype=torch.float32)
+        layer32.load_state_dict(layer.state_dict())
+        r = routing or layer.route(x.reshape(-1, x.shape[-1]))
+        return layer32(x.float(), strategy=strategy, routing=r), torch.float32
+    return layer(x, strategy=strategy, routing=routing), x.dtype
+
+
+@st.composite
+def configs(draw):
+    E = draw(st.sampled_from([1, 2, 3, 8, 16]))
+    K = draw(st.integers(1, E))
+    T = draw(st.sampled_from([0, 1, 2, 7, 33, 64]))
+    D = draw(st.sampled_from([4, 16, 33]))
+    F = draw(st.sampled_from([3, 8, 22]))
+    return T, D, F, E, K, draw(st.booleans()), draw(st.integers(0, 10_000))
+
+
+@pytest.mark.parametrize("strategy", TORCH_STRATEGIES)
+@given(cfg=configs())
+def test_strategy_matches_reference(strategy, cfg):
+    T, D, F, E, K, renorm, seed = cfg
+    layer, x = make_case(T, D, F, E, K, seed=seed, renormalize=renorm)
+    r = layer.route(x)
+    want = moe_ref.reference_moe(x, r, layer.w13, layer.w2)
+    out, dt = run(layer, x, strategy, r)
+    assert out.output.shape == x.shape
+    assert_close(out.output, want, dt, msg=f"strategy={strategy} T={T} D={D} F={F} E={E} K={K}")
+    s = out.stats
+    assert int(s.expert_counts.sum()) == T * K and s.dropped == 0 and s.capacity is None
+
+
+@pytest.mark.parametrize("strategy", TORCH_STRATEGIES)
+def test_odd_sizes(strategy):
+    layer, x = make_case(511, 33, 222, 8, 2, seed=3)
+    r = layer.route(x)
+    out, dt = run(layer, x, strategy, r)
+    assert_close(out.output, moe_ref.reference_moe(x, r, layer.w13, layer.w2), dt)
+
+
+@pytest.mark.parametrize("strategy", TORCH_STRATEGIES)
+def test_one_hot_expert_and_empty_experts(strategy):
+    layer, x = make_case(40, 16, 8, 6, 2, seed=1)
+    ids = torch.stack([torch.zeros(40, dtype=torch.long), torch.ones(40, dtype=torch.long)], 1)  # experts 2..5 empty
+    r = hand_routing(ids, torch.rand(40, 2, generator=torch.Generator().manual_seed(0)))
+    out, dt = run(layer, x, strategy, r)
+    assert_close(out.output, moe_ref.reference_moe(x, r, layer.w13, layer.w2), dt)
+    assert out.stats.expert_counts.tolist() == [40, 40, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("strategy", TORCH_STRATEGIES)
+def test_3d_input_keeps_shape_and_dtype(strategy):
+    layer, x = make_case(24, 16, 8, 4, 2)
+    x3 = x.view(2, 12, 16)
+    out, dt = run(layer, x3, strategy)
+    assert out.output.shape == (2, 12, 16)
+    r = layer.route(x)
+    assert_close(out.output.reshape(24, 16), moe_ref.reference_moe(x, r, layer.w13, layer.w2), dt)
+
+
+@pytest.mark.parametrize("strategy", F64 + ["grouped_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_against_float64(strategy, dtype):
+    layer, x = make_case(64, 32, 16, 8, 2, seed=5)
+    r = layer.route(x)
+    want = moe_ref.reference_moe(x, r, layer.w13, layer.w2)
+    low = moe_ref.MoELayer(layer.cfg, dtype=dtype)
+    low.load_state_dict(layer.state_dict())
+    out = low(x.to(dtype), strategy=strategy, routing=r)
+    assert out.output.dtype == dtype
+    assert_close(out.output, want, dtype)
+
+
+@pytest.mark.parametrize("strategy", TORCH_STRATEGIES)
+def test_deterministic(strategy):
+    layer, x = make_case(200, 16, 8, 8, 2, dtype=torch.float32, seed=2)
+    a = layer(x, strategy=strategy).output
+    b = layer(x, strategy=strategy).output
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", TORCH_STRATEGIES)
+def test_empty_input_returns_empty(strategy):
+    layer, x = make_case(0, 16, 8, 4, 2, dtype=torch.float32)
+    out = layer(x, strategy=strategy)
+    assert out.output.shape == (0, 16) and out.stats.expert_counts.tolist() == [0, 0, 0, 0]
+
+
+def test_dense_wastes_e_over_k():
+    layer, x = make_case(100, 16, 8, 8, 2)
+    d, g = layer(x, strategy="dense").stats, layer(x, strategy="grouped").stats
+    assert d.computed_rows == 800 and g.computed_rows == 200
+    assert d.computed_rows / g.computed_rows == 8 / 2
+    assert d.wasted_fraction == pytest.approx(0.75) and g.wasted_fraction == 0
+
+
+def test_padded_counts_padding():
+    layer, x = make_case(30, 16, 8, 3, 1)
+    r = hand_routing([[0]] * 20 + [[1]] * 7 + [[2]] * 3)
+    s = layer(x, strategy="padded", routing=r).stats
+    assert s.computed_rows == 3 * 20 and s.padded_slots == 60 - 30
