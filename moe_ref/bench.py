@@ -105,7 +105,7 @@ def bench_cpu(shape: Shape, token_counts, dtypes, strategies, reps: int, progres
             rows.append(dict(shape=shape.name, dtype=dt_name, tokens=T, provider="gemm_only", seconds=bound,
                              ratio_to_bound=1.0))
             for s in strategies:
-                sec = time_cpu(lambda s=s: layer(x, strategy=s, routing=r), reps=reps)
+                sec = time_cpu(lambda s=s, L=layer, x=x, r=r: L(x, strategy=s, routing=r), reps=reps)
                 rows.append(dict(shape=shape.name, dtype=dt_name, tokens=T, provider=s, seconds=sec,
                                  ratio_to_bound=sec / bound))
                 bar.update(1)

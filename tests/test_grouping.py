@@ -15,7 +15,9 @@ def routings(draw):
     T = draw(st.integers(0, 80))
     seed = draw(st.integers(0, 10_000))
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K, dtype=torch.long)
+    ids = torch.zeros(0, K, dtype=torch.long)
+    if T:
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # [T, K] distinct per row
     if draw(st.booleans()) and T:
         ids[torch.rand(T, K, generator=g) < 0.2] = -1  # some dropped
     return ids, E

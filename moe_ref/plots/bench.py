@@ -1,16 +1,11 @@
-"""Pure plotting functions: data in, matplotlib Figure out (notebooks and widgets call these).
-
-Never imported by the core pipeline. Uses the non-interactive Agg backend unless one is set.
-"""
+"""Charts of benchmark results (JSON written by moe_ref.bench)."""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "widget", "ipympl"):
-    matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+__all__ = ["plot_bench_cpu"]
 
 
 def plot_bench_cpu(result: dict) -> Figure:
