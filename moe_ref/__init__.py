@@ -4,13 +4,22 @@ Legend used throughout: T tokens, D d_model, F d_ff per expert, E experts, K top
 C capacity per expert, P expert-parallel ranks.
 """
 
+from .batching import DynamicBatcher, simulate_dynamic_batching
 from .capacity import CapacityResult, apply_capacity, expert_capacity, priority_rank
 from .config import CapacityConfig, MoEConfig
 from .grouping import DispatchPlan, group_by_expert
 from .layer import MoELayer, MoEOutput, moe_forward
+from .metrics import (
+    capacity_quality_table,
+    coefficient_of_variation,
+    drop_share,
+    load_imbalance,
+    padding_waste,
+)
 from .permute import permute, unpermute
 from .reference import expert_ffn, reference_moe, swiglu
 from .router import Routing, route
+from .skew import expert_popularity, random_routing, skewed_routing
 from .stats import MoEStats, expert_counts
 from .strategy import register_strategy, strategy_names
 
@@ -21,4 +30,7 @@ __all__ = [
     "Routing", "apply_capacity", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",
     "moe_forward", "permute", "priority_rank", "reference_moe", "register_strategy", "route",
     "strategy_names", "swiglu", "unpermute",
+    # capacity experiments and dynamic batching (issue 3)
+    "DynamicBatcher", "simulate_dynamic_batching", "expert_popularity", "skewed_routing", "random_routing",
+    "load_imbalance", "coefficient_of_variation", "drop_share", "padding_waste", "capacity_quality_table",
 ]
