@@ -86,10 +86,10 @@ def _count_dropped_tokens(before: torch.Tensor, after: torch.Tensor) -> int:
 def apply_capacity(routing: Routing, num_experts: int, capacity: CapacityConfig | None,
                    scoring: str = "softmax") -> CapacityResult:
     """Apply a CapacityConfig to a Routing. capacity=None or overflow="dropless" changes nothing."""
+    if capacity is not None and not isinstance(capacity, CapacityConfig):
+        raise TypeError(f"capacity must be a moe_ref.CapacityConfig or None, got {type(capacity).__name__}")
     if capacity is None or capacity.overflow == "dropless":
         return CapacityResult(passes=[routing], capacity=None, final_ids=routing.topk_ids)
-    if not isinstance(capacity, CapacityConfig):
-        raise TypeError(f"capacity must be a moe_ref.CapacityConfig or None, got {type(capacity).__name__}")
     ids = routing.topk_ids  # [T, K]
     T, K = ids.shape
     C = expert_capacity(T, num_experts, K, capacity.capacity_factor, capacity.min_capacity)
