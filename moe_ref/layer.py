@@ -75,6 +75,13 @@ class MoELayer(nn.Module):
         for name, w in init_weights(cfg, seed).items():
             self.register_parameter(name, nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False))
 
+    @classmethod
+    def from_hf(cls, block: nn.Module, **kwargs):
+        """Convert a transformers sparse-MoE block (Mixtral, Qwen2/3-MoE, OLMoE); see moe_ref.hf.from_hf."""
+        from .hf import from_hf  # lazy: `import moe_ref` never imports transformers
+
+        return from_hf(block, **kwargs)
+
     def extra_repr(self) -> str:
         c = self.cfg
         return f"D={c.d_model}, F={c.d_ff}, E={c.num_experts}, K={c.top_k}, renormalize={c.renormalize}"
