@@ -42,10 +42,10 @@ lab: setup
 bench: setup
 	$(BIN)/python -m moe_ref.bench
 
-## make gpu-check: GPU tests and a benchmark sweep (on a CUDA machine).
+## make gpu-check: GPU tests and a quick benchmark sweep on a CUDA machine, < 8 min on one H200; uses the
+## machine's python3 (PYTHON=...), installs nothing from the network; results under OUT (build/gpu-check/).
 gpu-check:
-	python -m pytest -q -m gpu tests
-	python -m moe_ref.bench --gpu --out build/bench-gpu
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

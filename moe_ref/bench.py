@@ -4,6 +4,10 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
 `python -m moe_ref.bench` (CPU) times dense / loop / grouped / grouped_mm and the GEMM-only bound
 (the same per-expert matmuls on pre-grouped rows: no routing, no data movement) and writes
 JSON (machine, versions, shapes, medians) and a PNG chart under build/bench/.
+`python -m moe_ref.bench --gpu [--quick]` runs the device sweep of moe_ref.bench_gpu (real MoE
+shapes x token counts x providers incl. triton and Hugging Face's experts, against the measured
+copy bandwidth and matmul rate) and writes gpu.json + PNG charts under --out (build/bench-gpu).
+`python -m moe_ref.bench --plot RESULT.json` redraws the charts of a saved device result.
 Speed goals are ratios printed here, never timed tests.
 """
 
@@ -141,17 +145,38 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
-    p.add_argument("--tokens", type=int, nargs="+", default=[16, 2048])
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    p.add_argument("--strategies", nargs="+", default=["dense", "loop", "grouped", "grouped_mm"])
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default="build/bench")
+    p.add_argument("--shape", default="cpu", choices=sorted(SHAPES), help="CPU run: the shape")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts (CPU default 16 2048; device default 1 4 ... 16384)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES), help="CPU run: dtypes")
+    p.add_argument("--strategies", nargs="+", default=["dense", "loop", "grouped", "grouped_mm"],
+                   help="CPU run: strategies")
+    p.add_argument("--reps", type=int, default=5, help="CPU run: timed calls per case")
+    p.add_argument("--out", default=None, help="output folder (CPU: build/bench, device: build/bench-gpu)")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("device sweep (--gpu)")
+    g.add_argument("--gpu", action="store_true", help="run the device sweep (needs CUDA unless --device cpu)")
+    g.add_argument("--quick", action="store_true", help="fewer token counts and reps (about 4 minutes on an H200)")
+    g.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES), help="default: the four model shapes")
+    g.add_argument("--providers", nargs="+", default=None, help="default: loop grouped grouped_mm hf triton")
+    g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    g.add_argument("--skew", type=float, default=0.0, help="Zipf skew of expert popularity (0 = router as is)")
+    g.add_argument("--timer", default="events", choices=["events", "do_bench"])
+    g.add_argument("--budget-ms", type=float, default=None, help="measuring time per case (default 60 quick, 200)")
+    g.add_argument("--cap-ms", type=float, default=None,
+                   help="skip a provider whose estimated time per call passes this (default 150 quick, 1000)")
+    g.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped, recorded")
+    g.add_argument("--device", default="cuda", help="'cpu' runs the device sweep on the CPU (a dry run)")
+    g.add_argument("--plot", default=None, metavar="JSON", help="only redraw the charts of a saved device result")
     args = p.parse_args(argv)
+    if args.plot:
+        return plot_main(Path(args.plot), Path(args.out) if args.out else None)
+    if args.gpu:
+        return gpu_main(args)
     shape = SHAPES[args.shape]
-    rows = bench_cpu(shape, args.tokens, args.dtypes, args.strategies, args.reps, not args.no_progress)
-    out = Path(args.out)
+    tokens = args.tokens or [16, 2048]
+    rows = bench_cpu(shape, tokens, args.dtypes, args.strategies, args.reps, not args.no_progress)
+    out = Path(args.out or "build/bench")
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine_info(), "shape": asdict(shape), "reps": args.reps, "rows": rows}
     (out / "cpu.json").write_text(json.dumps(result, indent=2))
@@ -163,6 +188,60 @@ def main(argv=None) -> int:
         print(f"wrote {out / 'cpu.json'} and {out / 'cpu.png'}")
     except ImportError as e:
         print(f"wrote {out / 'cpu.json'} (no chart: {e})")
+    return 0
+
+
+def gpu_main(args) -> int:
+    """The device sweep: JSON written after every token count (partial results survive a kill), charts at the end."""
+    from . import bench_gpu as bg
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--gpu needs a CUDA device, and torch.cuda.is_available() is False here "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu for a dry run")
+        return 2
+    shapes = [SHAPES[s] for s in (args.shapes or bg.GPU_SHAPES)]
+    tokens = args.tokens or list(bg.QUICK_TOKENS if args.quick else bg.GPU_TOKENS)
+    providers = args.providers or list(bg.GPU_PROVIDERS)
+    budget = args.budget_ms or (60.0 if args.quick else 200.0)
+    cap = args.cap_ms or (150.0 if args.quick else 1000.0)
+    timer = bg.Timer(device, mode=args.timer, budget_ms=budget, min_reps=3 if args.quick else 5,
+                     max_reps=20 if args.quick else 100)
+    out = Path(args.out or "build/bench-gpu")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu.json"
+
+    def stamp(msg: str) -> None:
+        print(f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def partial(result: dict) -> None:
+        bg.write_json(result, path)
+        done = result["rows"][-1] if result["rows"] else {}
+        stamp(f"{done.get('shape')} T={done.get('tokens')} done ({result['elapsed_s']:.0f} s); wrote {path}")
+
+    stamp(f"device sweep on {device}: shapes {[s.name for s in shapes]}, tokens {tokens}, providers {providers}")
+    limits = bg.measure_limits(device, DTYPES[args.dtype], timer,
+                               **({} if device.type == "cuda" else dict(copy_bytes=64 << 20, matmul_sizes=(512,))))
+    stamp(f"measured copy {limits['copy_Bps'] / 1e9:.0f} GB/s, matmul {limits['matmul_flops'] / 1e12:.1f} TFLOP/s")
+    result = bg.run_sweep(shapes, tokens, providers, device=device, dtype=DTYPES[args.dtype], skew=args.skew,
+                          timer=timer, cap_ms=cap, time_limit_s=args.time_limit, limits=limits,
+                          on_progress=partial, progress=not args.no_progress)
+    result["settings"]["quick"] = args.quick
+    bg.write_json(result, path)
+    bg.print_summary(result)
+    for pth in bg.write_charts(result, out):
+        stamp(f"wrote {pth}")
+    stamp(f"wrote {path}")
+    return 0
+
+
+def plot_main(path: Path, out: Path | None) -> int:
+    """Redraw the charts of a saved device result (e.g. after a sweep was cut short)."""
+    from . import bench_gpu as bg
+
+    result = json.loads(path.read_text())
+    for pth in bg.write_charts(result, out or path.parent):
+        print(f"wrote {pth}")
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Charts of benchmark results (JSON written by moe_ref.bench)."""
+"""Charts of benchmark results (JSON written by moe_ref.bench): the CPU run and the device sweep.
+
+Legend: T tokens. Device results hold rows {shape, tokens, provider, status, median_ms, tflops, gbps,
+hbm_frac_nominal, hbm_frac_measured, matmul_frac, ...} (see moe_ref.bench_gpu); skipped or failed
+rows are left out of the lines, so a partial sweep still draws.
+"""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["plot_bench_cpu"]
+__all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "plot_bench_gpu_roofline"]
 
 
 def plot_bench_cpu(result: dict) -> Figure:
@@ -26,5 +31,145 @@ def plot_bench_cpu(result: dict) -> Figure:
         ax.tick_params(axis="x", rotation=35)
     m = result["machine"]
     fig.suptitle(f"{result['shape']['name']} on {m['device']} — torch {m['torch']}, {m['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+PROVIDER_STYLE = {  # provider -> (color, marker); unknown providers get matplotlib's cycle
+    "triton": ("#d62728", "o"), "grouped_mm": ("#1f77b4", "s"), "grouped": ("#2ca02c", "^"),
+    "loop": ("#7f7f7f", "v"), "hf_eager": ("#9467bd", "x"), "hf_grouped_mm": ("#17becf", "D"),
+    "hf_batched_mm": ("#bcbd22", "P"),
+}
+
+
+def _ok_rows(result: dict) -> list[dict]:
+    return [r for r in result["rows"] if r.get("status") == "ok"]
+
+
+def _shape_names(result: dict) -> list[str]:
+    names = list(result.get("shapes", {}))
+    return names or sorted({r["shape"] for r in result["rows"]})
+
+
+def _grid(n: int, w: float = 4.6, h: float = 3.6):
+    cols = min(n, 2) if n > 1 else 1
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _title(fig: Figure, result: dict, what: str) -> None:
+    m = result.get("machine", {})
+    st = result.get("settings", {})
+    tag = "" if result.get("complete", True) else " [PARTIAL sweep]"
+    fig.suptitle(f"{what}\n{m.get('device', '?')} ({st.get('dtype', '?')}), torch {m.get('torch', '?')}, "
+                 f"triton {m.get('triton', '?')}, {str(m.get('date', '?'))[:10]}{tag}", fontsize=9)
+
+
+def _series(rows: list[dict], shape: str, provider: str, key: str):
+    pts = sorted((r["tokens"], r[key]) for r in rows if r["shape"] == shape and r["provider"] == provider
+                 and r.get(key) is not None)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _style(provider: str) -> dict:
+    c, m = PROVIDER_STYLE.get(provider, (None, "."))
+    return dict(color=c, marker=m, lw=2.2 if provider == "triton" else 1.3, ms=5)
+
+
+def plot_bench_gpu_times(result: dict) -> Figure:
+    """Per shape: median ms vs token count for every provider, log-log (lower is better)."""
+    rows = _ok_rows(result)
+    shapes = _shape_names(result)
+    fig, axes = _grid(len(shapes))
+    for ax, shape in zip(axes, shapes):
+        provs = sorted({r["provider"] for r in rows if r["shape"] == shape}, key=lambda p: (p != "triton", p))
+        for p in provs:
+            t, ms = _series(rows, shape, p, "median_ms")
+            ax.plot(t, ms, label=p, **_style(p))
+        skipped = sorted({(r["provider"], r["tokens"]) for r in result["rows"]
+                          if r["shape"] == shape and r.get("status") != "ok"})
+        if skipped:
+            ax.text(0.01, 0.01, f"{len(skipped)} skipped/failed (see JSON)", transform=ax.transAxes, fontsize=7,
+                    color="#555555")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(shape, fontsize=10)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("ms (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        if provs:
+            ax.legend(fontsize=7)
+    _title(fig, result, "MoE layer time")
+    fig.tight_layout()
+    return fig
+
+
+def plot_bench_gpu_ratios(result: dict) -> Figure:
+    """Per shape: speedup of triton over grouped_mm, loop and the best Hugging Face implementation vs T."""
+    rat = result.get("ratios") or []
+    shapes = _shape_names(result)
+    fig, axes = _grid(len(shapes))
+    styles = {"triton_vs_grouped_mm": ("vs grouped_mm", "#1f77b4", 1.1),
+              "triton_vs_loop": ("vs loop", "#7f7f7f", 5.0),
+              "triton_vs_best_hf": ("vs best HF", "#9467bd", None),
+              "triton_vs_grouped": ("vs grouped", "#2ca02c", None)}
+    for ax, shape in zip(axes, shapes):
+        sel = sorted((r for r in rat if r["shape"] == shape), key=lambda r: r["tokens"])
+        for key, (label, color, target) in styles.items():
+            pts = [(r["tokens"], r[key]) for r in sel if key in r]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"triton {label}")
+                if target:
+                    ax.axhline(target, color=color, ls=":", lw=1)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(shape, fontsize=10)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("speedup (x, > 1: triton faster)")
+        ax.grid(True, which="both", alpha=0.3)
+        if sel:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no triton results", ha="center", transform=ax.transAxes)
+    _title(fig, result, "Triton speedups (dotted: issue targets 1.1x grouped_mm, 5x loop)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_bench_gpu_roofline(result: dict, providers=("triton", "grouped_mm")) -> Figure:
+    """Per shape: fraction of the HBM roofline (weight bytes / bandwidth) and of the measured matmul rate vs T."""
+    rows = _ok_rows(result)
+    shapes = _shape_names(result)
+    lim = result.get("limits") or {}
+    fig, axes = _grid(len(shapes))
+    for ax, shape in zip(axes, shapes):
+        for p in providers:
+            st = _style(p)
+            for key, ls, label in (("hbm_frac_nominal", "-", "HBM 4.3 TB/s"),
+                                   ("hbm_frac_measured", "--", "measured copy BW"),
+                                   ("matmul_frac", ":", "measured matmul")):
+                t, v = _series(rows, shape, p, key)
+                if t:
+                    ax.plot(t, v, ls=ls, marker=st["marker"], color=st["color"], ms=4, label=f"{p}: {label}")
+        ax.axhline(0.7, color="#444444", lw=0.8, ls="-.")
+        ax.axhline(0.6, color="#444444", lw=0.8, ls=(0, (1, 3)))
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(shape, fontsize=10)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("fraction of limit")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    bw = lim.get("copy_Bps")
+    mm = lim.get("matmul_flops")
+    what = "Roofline fractions"
+    if bw and mm:
+        what += f" (measured copy {bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s; targets 0.7 / 0.6)"
+    _title(fig, result, what)
     fig.tight_layout()
     return fig

@@ -1,0 +1,473 @@
+"""The device benchmark: every provider side by side on real MoE shapes, against the device's own limits.
+
+Legend: T tokens, D d_model, F d_ff, E experts, K top-k, H hit experts (distinct experts with >= 1 token).
+
+For each shape (Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 routed experts) and each token count,
+one routing (random x through the layer's router: balanced-ish; `skew` > 0 biases it Zipf-like) is timed
+through every provider, at the strategy level (x, routing -> y; the router and the layer's input checks
+are outside the timed region for all of them):
+  loop        per-expert boolean selection (Hugging Face eager style, host sync per expert)
+  grouped     sort, permute, one GEMM pair per expert, unpermute
+  grouped_mm  permute -> grouped_mm -> SwiGLU -> grouped_mm -> combine (torch's grouped GEMM)
+  hf_*        Hugging Face transformers' experts implementations (eager, grouped_mm, batched_mm), when
+              moe_ref.hf and transformers are installed
+  triton      moe_ref.kernels.fused_moe (aligned grouping, fused gather-GEMM-SwiGLU, weighted combine)
+Measured in the same run: device copy bandwidth (a large buffer copy, read + write bytes) and a dense
+matmul rate (square GEMMs in the benchmark dtype). Each result reports
+  ms (median), TFLOP/s of useful work (6*D*F*T*K), GB/s of expert weights touched (H*3*D*F*bytes),
+  the fraction of the HBM roofline (weight bytes / 4.3 TB/s nominal, and / measured copy bandwidth),
+  the fraction of the measured matmul rate, and max relative error against `grouped` (a sanity check).
+A provider is skipped at a (shape, T) when its estimated time per call (linear in T through its last two
+measured points) passes `cap_ms`, when it would gather per-assignment weight copies that do not fit in
+memory (batched_mm), or when the sweep's time limit is reached; every skip is recorded with its reason.
+Runs on CUDA; `device="cpu"` runs the same sweep with wall-clock timing (a dry run of the logic).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .bench import _progress
+from .config import MoEConfig
+from .layer import MoELayer
+from .strategy import get_strategy
+
+NOMINAL_HBM_BPS = 4.3e12  # H200 HBM3e, bytes/s (the issue's roofline figure)
+GPU_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+QUICK_TOKENS = (1, 16, 256, 4096, 16384)
+GPU_SHAPES = ("mixtral", "qwen3", "olmoe", "deepseek")
+GPU_PROVIDERS = ("loop", "grouped", "grouped_mm", "hf", "triton")  # "hf" expands to hf_<impl> per implementation
+TORCH_PROVIDERS = ("dense", "loop", "grouped", "grouped_mm", "padded")
+REFERENCE_PROVIDER = "grouped"  # outputs of every provider are compared with this one
+AGREE_RTOL = 5e-2  # max |y - y_ref| / max |y_ref| above which a result is flagged (bf16 outputs)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+def _quantile(sorted_ts: list[float], q: float) -> float:
+    i = q * (len(sorted_ts) - 1)
+    lo, hi = math.floor(i), math.ceil(i)
+    return sorted_ts[lo] + (sorted_ts[hi] - sorted_ts[lo]) * (i - lo)
+
+
+def _summary(ts: list[float]) -> dict:
+    ts = sorted(ts)
+    return dict(median_ms=statistics.median(ts), p20_ms=_quantile(ts, 0.2), p80_ms=_quantile(ts, 0.8),
+                min_ms=ts[0], reps=len(ts))
+
+
+class Timer:
+    """Median of several timed calls of fn (milliseconds), on CUDA with events, else wall clock.
+
+    `mode="events"`: torch.cuda.Event pairs around each call, the L2 cache flushed before each
+    (a 256 MiB buffer zeroed outside the timed region, as triton.testing.do_bench does), the
+    number of calls set from a first timed call so the measurement takes about budget_ms.
+    `mode="do_bench"`: triton.testing.do_bench(fn, warmup, rep, quantiles=[0.5, 0.2, 0.8]); that
+    signature is the same in triton 3.6 and 3.9 (fast_flush was removed in 3.2; not passed here).
+    """
+
+    def __init__(self, device: torch.device, mode: str = "events", budget_ms: float = 100.0,
+                 min_reps: int = 3, max_reps: int = 50, flush_l2: bool = True):
+        if mode not in ("events", "do_bench"):
+            raise ValueError(f"timer mode must be 'events' or 'do_bench', got {mode!r}")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if mode == "do_bench" and not self.cuda:
+            raise ValueError("timer mode 'do_bench' needs a CUDA device")
+        self.mode, self.budget_ms, self.min_reps, self.max_reps = mode, budget_ms, min_reps, max_reps
+        self.flush = (torch.empty(256 << 20, dtype=torch.int8, device=self.device)
+                      if self.cuda and flush_l2 and mode == "events" else None)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> dict:
+        if self.mode == "do_bench":
+            import triton.testing
+
+            med, p20, p80 = triton.testing.do_bench(fn, warmup=max(1, int(self.budget_ms / 4)),
+                                                    rep=max(1, int(self.budget_ms)), quantiles=[0.5, 0.2, 0.8])
+            return dict(median_ms=med, p20_ms=p20, p80_ms=p80, min_ms=None, reps=None)
+        est = self._one(fn)  # one timed call sets the count (fn was called once before, for warm-up)
+        n = int(min(self.max_reps, max(self.min_reps, self.budget_ms // max(est, 1e-3))))
+        if est * n > 4 * self.budget_ms:  # a slow call: a few reps are enough
+            n = max(1, min(n, self.min_reps))
+        return _summary([est] + self._many(fn, n - 1) if n > 1 else [est])
+
+    def _one(self, fn) -> float:
+        return self._many(fn, 1)[0]
+
+    def _many(self, fn, n: int) -> list[float]:
+        if n <= 0:
+            return []
+        if not self.cuda:
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            return ts
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        self.sync()
+        for i in range(n):
+            if self.flush is not None:
+                self.flush.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        self.sync()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def measure_limits(device: torch.device, dtype: torch.dtype, timer: Timer, copy_bytes: int = 1 << 30,
+                   matmul_sizes=(4096, 8192)) -> dict:
+    """The device's measured copy bandwidth (bytes/s, read + write) and best dense matmul rate (FLOP/s)."""
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t_copy = timer(lambda d=dst, s=src: d.copy_(s))["median_ms"]
+    del src, dst
+    best, best_n = 0.0, None
+    for n in matmul_sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        torch.matmul(a, b, out=c)
+        t = timer(lambda a=a, b=b, c=c: torch.matmul(a, b, out=c))["median_ms"]
+        rate = 2 * n**3 / (t * 1e-3)
+        if rate > best:
+            best, best_n = rate, n
+        del a, b, c
+    _free(device)
+    return dict(copy_Bps=2 * copy_bytes / (t_copy * 1e-3), copy_bytes=copy_bytes, matmul_flops=best,
+                matmul_n=best_n, matmul_dtype=str(dtype).replace("torch.", ""), nominal_hbm_Bps=NOMINAL_HBM_BPS)
+
+
+# ------------------------------------------------------------------------------------------- the layer
+
+def make_layer(shape, dtype: torch.dtype, device, seed: int = 0) -> MoELayer:
+    """A MoELayer whose weights are drawn on `device` directly, in `dtype`.
+
+    MoELayer's own init draws float32 weights on the CPU (45 GB and minutes for DeepSeek-V3's
+    256 experts), so the layer is built on the meta device and its weights are filled in place:
+    same scaled-normal init, different random numbers.
+    """
+    cfg = MoEConfig(shape.d_model, shape.d_ff, shape.num_experts, shape.top_k)
+    with torch.device("meta"):
+        layer = MoELayer(cfg, dtype=dtype)
+    layer = layer.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        layer.router_weight.normal_(0.0, shape.d_model**-0.5, generator=g)  # [E, D]
+        layer.w13.normal_(0.0, shape.d_model**-0.5, generator=g)  # [E, 2F, D]
+        layer.w2.normal_(0.0, shape.d_ff**-0.5, generator=g)  # [E, D, F]
+    return layer
+
+
+def make_routing(layer: MoELayer, T: int, skew: float, seed: int):
+    """x [T, D] (standard normal) and its Routing through the layer's router; skew > 0 biases it Zipf-like."""
+    dev, dt = layer.w13.device, layer.w13.dtype
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(T, layer.cfg.d_model, generator=g, device=dev).to(dt)  # [T, D]
+    if skew > 0:
+        from .skew import skewed_routing
+
+        r = skewed_routing(x, layer.router_weight, layer.cfg.top_k, skew, renormalize=layer.cfg.renormalize)
+    else:
+        r = layer.route(x)
+    return x, r
+
+
+def _tensor(out) -> torch.Tensor:
+    """The output tensor of a provider (tensor, StrategyResult.y or MoEOutput.output)."""
+    for attr in ("y", "output"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def make_providers(layer: MoELayer, names, notes: list[str]) -> dict[str, Callable]:
+    """{provider: fn(x, routing) -> y}; providers that cannot be built are left out with a note."""
+    providers: dict[str, Callable] = {}
+    w13, w2 = layer.w13, layer.w2
+    for name in names:
+        if name == "hf":
+            try:
+                hf = importlib.import_module("moe_ref.hf")
+                for impl, fn in hf.hf_experts_providers(layer).items():
+                    providers[impl if impl.startswith("hf_") else f"hf_{impl}"] = fn
+            except (ImportError, AttributeError) as e:
+                notes.append(f"Hugging Face providers skipped: {type(e).__name__}: {e}")
+        elif name == "triton":
+            try:
+                kernels = importlib.import_module("moe_ref.kernels")
+                fused = kernels.fused_moe
+                providers["triton"] = lambda x, r, f=fused: f(x, r.topk_ids, r.topk_weights, w13, w2)
+            except (ImportError, AttributeError, RuntimeError) as e:
+                notes.append(f"triton provider skipped: {type(e).__name__}: {e}")
+        else:
+            fn = get_strategy(name)
+            providers[name] = lambda x, r, f=fn: f(x, r, w13, w2)
+    return providers
+
+
+def _free(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _free_bytes(device) -> int | None:
+    if torch.device(device).type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+def case_metrics(shape, T: int, hit: int, el: int, ms: float, limits: dict) -> dict:
+    """Rates and roofline fractions of one measured time (ms) at T tokens with `hit` experts touched."""
+    D, F, K = shape.d_model, shape.d_ff, shape.top_k
+    flops = 6 * D * F * T * K
+    wbytes = hit * 3 * D * F * el
+    s = ms * 1e-3
+    roof = max(wbytes / limits["copy_Bps"], flops / limits["matmul_flops"])
+    return dict(tflops=flops / s / 1e12, gbps=wbytes / s / 1e9,
+                hbm_frac_nominal=wbytes / limits["nominal_hbm_Bps"] / s,
+                hbm_frac_measured=wbytes / limits["copy_Bps"] / s,
+                matmul_frac=flops / limits["matmul_flops"] / s, roofline_frac=roof / s)
+
+
+def _skip_reason(name: str, shape, T: int, el: int, last: dict, cap_ms: float, device) -> str | None:
+    """Why a provider should not run at (shape, T), or None."""
+    if "batched_mm" in name:  # gathers one copy of the expert weights per assignment
+        need = T * shape.top_k * 3 * shape.d_model * shape.d_ff * el
+        free = _free_bytes(device)
+        if free is not None and need > 0.6 * free:
+            return f"would gather {need / 1e9:.1f} GB of per-assignment weight copies ({free / 1e9:.0f} GB free)"
+    pts = last.get(name, [])
+    if len(pts) >= 2:  # linear through the last two measured points (one point says nothing about slope)
+        (t1, ms1), (t2, ms2) = pts[-2], pts[-1]
+        est = ms2 + max(0.0, (ms2 - ms1) / (t2 - t1)) * (T - t2)
+        if est > cap_ms:
+            return (f"estimated {est:.0f} ms per call (linear from {ms1:.1f} ms at T={t1} and {ms2:.1f} ms at "
+                    f"T={t2}) > cap {cap_ms:.0f} ms")
+    return None
+
+
+def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=torch.bfloat16, skew: float = 0.0,
+              timer: Timer | None = None, cap_ms: float = 200.0, time_limit_s: float | None = None,
+              limits: dict | None = None, on_progress: Callable[[dict], None] | None = None,
+              progress: bool = True, seed: int = 0) -> dict:
+    """Time every provider at every (shape, T); returns the result dict (see module doc).
+
+    on_progress(result) is called after every token count so a caller can write partial results.
+    """
+    device = torch.device(device)
+    t_start = time.perf_counter()
+    timer = timer or Timer(device)
+    el = torch.empty(0, dtype=dtype).element_size()
+    result = dict(kind="device", machine=device_info(device), complete=False,
+                  settings=dict(dtype=str(dtype).replace("torch.", ""), tokens=list(tokens),
+                                shapes=[s.name for s in shapes], providers=list(providers), skew=skew,
+                                timer=timer.mode, budget_ms=timer.budget_ms, min_reps=timer.min_reps,
+                                max_reps=timer.max_reps, l2_flush=timer.flush is not None, cap_ms=cap_ms,
+                                time_limit_s=time_limit_s, reference=REFERENCE_PROVIDER, agree_rtol=AGREE_RTOL),
+                  limits=None, shapes={s.name: asdict(s) for s in shapes}, rows=[], skipped=[], notes=[])
+    result["limits"] = limits or measure_limits(device, dtype, timer)
+    bar = _progress(len(shapes) * len(tokens), progress)
+    for shape in shapes:
+        layer = make_layer(shape, dtype, device, seed)
+        notes: list[str] = []
+        provs = make_providers(layer, providers, notes)
+        result["notes"] += [f"{shape.name}: {n}" for n in notes]
+        last: dict[str, list[tuple[int, float]]] = {}  # provider -> [(T, ms)] measured so far
+        for T in tokens:
+            x, r = make_routing(layer, T, skew, seed + T)
+            counts = torch.bincount(r.topk_ids.reshape(-1), minlength=shape.num_experts)
+            hit = int((counts > 0).sum())
+            base = dict(shape=shape.name, tokens=T, hit_experts=hit, max_expert_load=int(counts.max()),
+                        flops=6 * shape.d_model * shape.d_ff * T * shape.top_k,
+                        weight_bytes=hit * 3 * shape.d_model * shape.d_ff * el)
+            y_ref = None
+            order = sorted(provs, key=lambda n: n != REFERENCE_PROVIDER)  # the reference first
+            for name in order:
+                row = dict(base, provider=name)
+                reason = None
+                if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+                    reason = f"sweep time limit {time_limit_s:.0f} s reached"
+                reason = reason or _skip_reason(name, shape, T, el, last, cap_ms, device)
+                if reason:
+                    row.update(status="skipped", reason=reason)
+                    result["skipped"].append(dict(shape=shape.name, tokens=T, provider=name, reason=reason))
+                    result["rows"].append(row)
+                    continue
+                fn = provs[name]
+                try:
+                    with torch.inference_mode():
+                        t0 = time.perf_counter()
+                        y = _tensor(fn(x, r))  # warm-up (compiles / autotunes), also the output checked
+                        timer.sync()
+                        row["first_call_s"] = time.perf_counter() - t0
+                        if y_ref is None and name == REFERENCE_PROVIDER:
+                            y_ref = y.float()
+                        if y_ref is not None:
+                            err = (y.float() - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)
+                            row["max_rel_err"] = float(err)
+                            row["agrees"] = bool(row["max_rel_err"] <= AGREE_RTOL)
+                        del y
+                        tm = timer(lambda fn=fn, x=x, r=r: fn(x, r))
+                except Exception as e:  # OOM, unsupported dtype, a provider's bug: record it, keep going
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    row.update(status="error", reason=msg)
+                    result["skipped"].append(dict(shape=shape.name, tokens=T, provider=name, reason=msg))
+                    result["rows"].append(row)
+                    _free(device)
+                    continue
+                row.update(status="ok", **tm, **case_metrics(shape, T, hit, el, tm["median_ms"], result["limits"]))
+                last.setdefault(name, []).append((T, tm["median_ms"]))
+                result["rows"].append(row)
+            del x, r, y_ref
+            result["ratios"] = ratios(result["rows"])
+            result["elapsed_s"] = time.perf_counter() - t_start
+            if on_progress:
+                on_progress(result)
+            bar.update(1)
+        del provs, layer
+        _free(device)
+    bar.close()
+    result["ratios"] = ratios(result["rows"])
+    result["targets"] = evaluate_targets(result["rows"])
+    result["elapsed_s"] = time.perf_counter() - t_start
+    result["complete"] = True
+    return result
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Speedups of triton per (shape, T): t(grouped_mm)/t(triton), t(loop)/t(triton), best HF / triton."""
+    ok = {(r["shape"], r["tokens"], r["provider"]): r["median_ms"] for r in rows if r.get("status") == "ok"}
+    out = []
+    for shape, T in sorted({(s, t) for s, t, _ in ok}, key=lambda c: (c[0], c[1])):
+        tri = ok.get((shape, T, "triton"))
+        if tri is None:
+            continue
+        hf = [v for (s, t, p), v in ok.items() if s == shape and t == T and p.startswith("hf_")]
+        row = dict(shape=shape, tokens=T)
+        for peer in ("grouped_mm", "loop", "grouped"):
+            if (shape, T, peer) in ok:
+                row[f"triton_vs_{peer}"] = ok[(shape, T, peer)] / tri
+        if hf:
+            row["triton_vs_best_hf"] = min(hf) / tri
+        out.append(row)
+    return out
+
+
+TARGETS = (
+    # (name, shapes (None = all), token predicate, metric key in rows/ratios, threshold)
+    ("triton >= 1.1x grouped_mm", ("mixtral-8x7b", "qwen3-30b-a3b"), lambda T: True, "triton_vs_grouped_mm", 1.1),
+    ("triton >= 5x loop from 256 tokens", ("mixtral-8x7b", "qwen3-30b-a3b"), lambda T: T >= 256, "triton_vs_loop", 5.0),
+    ("triton >= 70% of HBM roofline (4.3 TB/s) at 1-64 tokens", None, lambda T: T <= 64, "hbm_frac_nominal", 0.7),
+    ("triton >= 60% of measured matmul rate at 8192+ tokens", None, lambda T: T >= 8192, "matmul_frac", 0.6),
+)
+
+
+def evaluate_targets(rows: list[dict]) -> list[dict]:
+    """Each issue target at each (shape, T) measured: value, threshold, met. Unmeasured cases are absent."""
+    tri = {(r["shape"], r["tokens"]): r for r in rows if r["provider"] == "triton" and r.get("status") == "ok"}
+    rat = {(r["shape"], r["tokens"]): r for r in ratios(rows)}
+    out = []
+    for name, shapes, pred, key, thr in TARGETS:
+        src = rat if key.startswith("triton_vs") else tri
+        for (shape, T), r in sorted(src.items()):
+            if (shapes is None or shape in shapes) and pred(T) and key in r:
+                out.append(dict(target=name, shape=shape, tokens=T, value=r[key], threshold=thr,
+                                met=bool(r[key] >= thr)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def device_info(device) -> dict:
+    device = torch.device(device)
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    }
+    for pkg in ("triton", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            info[pkg] = version(pkg)
+        except Exception:  # not installed
+            info[pkg] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(device=torch.cuda.get_device_name(device), capability=f"{p.major}.{p.minor}",
+                    device_memory_GB=round(p.total_memory / 1e9, 1), sm_count=p.multi_processor_count)
+    else:
+        info["device"] = "cpu: " + (platform.processor() or platform.machine())
+    return info
+
+
+def write_json(result: dict, path: Path) -> None:
+    """Atomic write (tmp file + rename) so a killed run leaves the last complete snapshot."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+
+
+def write_charts(result: dict, out: Path, prefix: str = "gpu") -> list[Path]:
+    """PNG charts of a device result: times per shape, triton speedups, roofline fractions."""
+    from .plots.bench import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
+
+    out = Path(out)
+    paths = []
+    for suffix, fn in (("times", plot_bench_gpu_times), ("ratios", plot_bench_gpu_ratios),
+                       ("roofline", plot_bench_gpu_roofline)):
+        fig = fn(result)
+        p = out / f"{prefix}_{suffix}.png"
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def print_summary(result: dict) -> None:
+    lim = result["limits"]
+    print(f"device {result['machine']['device']}: copy {lim['copy_Bps'] / 1e12:.2f} TB/s, "
+          f"matmul {lim['matmul_flops'] / 1e12:.0f} TFLOP/s ({lim['matmul_dtype']}, n={lim['matmul_n']})")
+    print(f"{'shape':20} {'T':>6} {'provider':16} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} "
+          f"{'HBM%':>6} {'mm%':>6} {'err':>8}")
+    for r in result["rows"]:
+        if r.get("status") == "ok":
+            print(f"{r['shape']:20} {r['tokens']:6d} {r['provider']:16} {r['median_ms']:10.3f} {r['tflops']:8.1f} "
+                  f"{r['gbps']:8.0f} {100 * r['hbm_frac_nominal']:6.1f} {100 * r['matmul_frac']:6.1f} "
+                  f"{r.get('max_rel_err', float('nan')):8.1e}")
+        else:
+            print(f"{r['shape']:20} {r['tokens']:6d} {r['provider']:16} {r['status']}: {r['reason']}")
+    for t in result.get("targets", []):
+        print(f"target {t['target']}: {t['shape']} T={t['tokens']}: {t['value']:.2f} "
+              f"(>= {t['threshold']}) {'met' if t['met'] else 'NOT met'}")

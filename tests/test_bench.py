@@ -1,0 +1,190 @@
+"""The benchmark scripts: the CPU run's JSON and chart, the device sweep's logic (run on the CPU at a tiny
+shape: timing numbers are meaningless here, the bookkeeping is what is tested), and the device charts
+drawn from a SYNTHETIC result built below (made-up numbers, never results)."""
+
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from moe_ref import bench
+from moe_ref import bench_gpu as bg
+from moe_ref.bench import Shape
+from moe_ref.plots import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = Shape("tiny", 32, 64, 4, 2)
+
+
+def test_cpu_bench_writes_json_and_png(tmp_path):
+    rc = bench.main(["--shape", "cpu-small", "--tokens", "4", "--reps", "1", "--dtypes", "fp32",
+                     "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "cpu.json").read_text())
+    assert res["shape"] == {"name": "cpu-small", "d_model": 256, "d_ff": 512, "num_experts": 8, "top_k": 2}
+    for key in ("date", "torch", "device", "python", "cpu_count"):
+        assert res["machine"][key]
+    rows = res["rows"]
+    assert {r["provider"] for r in rows} == {"gemm_only", "dense", "loop", "grouped", "grouped_mm"}
+    bound = next(r for r in rows if r["provider"] == "gemm_only")
+    for r in rows:
+        assert (r["shape"], r["dtype"], r["tokens"]) == ("cpu-small", "fp32", 4)
+        assert r["seconds"] > 0
+        assert r["ratio_to_bound"] == pytest.approx(r["seconds"] / bound["seconds"])
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _sweep(providers, tokens=(1, 5), **kw):
+    timer = bg.Timer("cpu", budget_ms=1, min_reps=1, max_reps=2)
+    limits = bg.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
+    return bg.run_sweep([TINY], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
+                        limits=limits, progress=False, **kw)
+
+
+def test_device_sweep_bookkeeping_on_cpu():
+    seen = []
+    res = _sweep(["loop", "grouped", "grouped_mm", "triton"], on_progress=lambda r: seen.append(len(r["rows"])))
+    assert res["complete"] and seen == [4, 8]  # partial results after every token count
+    json.dumps(res)  # serialisable as is
+    lim = res["limits"]
+    assert lim["copy_Bps"] > 0 and lim["matmul_flops"] > 0 and lim["nominal_hbm_Bps"] == 4.3e12
+    D, F, K, el = TINY.d_model, TINY.d_ff, TINY.top_k, 4
+    for r in res["rows"]:
+        assert r["status"] == "ok", r
+        assert r["flops"] == 6 * D * F * r["tokens"] * K
+        assert 1 <= r["hit_experts"] <= min(TINY.num_experts, r["tokens"] * K)
+        assert r["weight_bytes"] == r["hit_experts"] * 3 * D * F * el
+        s = r["median_ms"] * 1e-3
+        assert r["tflops"] == pytest.approx(r["flops"] / s / 1e12)
+        assert r["gbps"] == pytest.approx(r["weight_bytes"] / s / 1e9)
+        assert r["hbm_frac_nominal"] == pytest.approx(r["weight_bytes"] / 4.3e12 / s)
+        assert r["matmul_frac"] == pytest.approx(r["flops"] / lim["matmul_flops"] / s)
+        assert r["max_rel_err"] < 1e-4 and r["agrees"]  # every provider computes the same layer (fp32)
+    ms = {(r["tokens"], r["provider"]): r["median_ms"] for r in res["rows"]}
+    for q in res["ratios"]:
+        T = q["tokens"]
+        assert q["triton_vs_grouped_mm"] == pytest.approx(ms[(T, "grouped_mm")] / ms[(T, "triton")])
+        assert q["triton_vs_loop"] == pytest.approx(ms[(T, "loop")] / ms[(T, "triton")])
+    assert [q["tokens"] for q in res["ratios"]] == [1, 5]
+
+
+def test_device_sweep_skips_are_recorded():
+    res = _sweep(["grouped", "loop"], tokens=(1, 2, 64), cap_ms=1e-9)
+    # two measured points are needed for an estimate: T=1 and T=2 run, T=64 is skipped by the cap
+    by = {(r["tokens"], r["provider"]): r for r in res["rows"]}
+    assert by[(2, "loop")]["status"] == "ok"
+    assert by[(64, "loop")]["status"] == "skipped" and "cap" in by[(64, "loop")]["reason"]
+    assert {(s["tokens"], s["provider"]) for s in res["skipped"]} == {(64, "grouped"), (64, "loop")}
+    res = _sweep(["grouped"], tokens=(1,), time_limit_s=0.0)
+    assert res["rows"][0]["status"] == "skipped" and "time limit" in res["skipped"][0]["reason"]
+
+
+def test_device_sweep_records_provider_errors(monkeypatch):
+    real = bg.make_providers
+
+    def with_failing(layer, names, notes):
+        provs = real(layer, ["grouped"], notes)
+
+        def boom(x, r):
+            raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+
+        provs["boom"] = boom
+        return provs
+
+    monkeypatch.setattr(bg, "make_providers", with_failing)
+    res = _sweep(["grouped", "boom"], tokens=(1, 2))
+    by = {(r["tokens"], r["provider"]): r for r in res["rows"]}
+    assert by[(1, "grouped")]["status"] == "ok" and by[(2, "grouped")]["status"] == "ok"  # the sweep went on
+    assert by[(1, "boom")]["status"] == "error"
+    assert by[(1, "boom")]["reason"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert len(res["skipped"]) == 2
+
+
+def test_make_providers_names_hf_implementations():
+    layer = bg.make_layer(TINY, torch.float32, "cpu")
+    assert layer.w13.shape == (4, 128, 32) and layer.w13.device.type == "cpu"
+    notes = []
+    provs = bg.make_providers(layer, ["grouped", "hf"], notes)
+    hf = [p for p in provs if p != "grouped"]
+    try:
+        import moe_ref.hf  # noqa: F401
+    except ImportError:
+        assert hf == [] and "Hugging Face" in notes[0]
+    else:
+        assert hf and all(p.startswith("hf_") for p in hf), (hf, notes)
+
+
+def test_skip_reason_linear_estimate():
+    last = {"loop": [(1, 2.0), (16, 5.0)]}  # slope 0.2 ms per token
+    r = bg._skip_reason("loop", TINY, 1024, 2, last, cap_ms=100.0, device="cpu")
+    assert r is not None and "estimated 207 ms" in r
+    assert bg._skip_reason("loop", TINY, 256, 2, last, cap_ms=100.0, device="cpu") is None  # 53 ms
+    assert bg._skip_reason("loop", TINY, 10**6, 2, {"loop": [(1, 2.0)]}, cap_ms=1.0, device="cpu") is None
+
+
+def test_timer_rejects_bad_mode():
+    with pytest.raises(ValueError, match="timer mode"):
+        bg.Timer("cpu", mode="stopwatch")
+    with pytest.raises(ValueError, match="CUDA"):
+        bg.Timer("cpu", mode="do_bench")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_flag_without_cuda_says_so(capsys):
+    assert bench.main(["--gpu", "--out", "/nonexistent-never-written"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ charts on a SYNTHETIC result
+
+def synthetic_result(complete=True) -> dict:
+    """A made-up device result (SYNTHETIC numbers, for drawing only): triton twice as fast as grouped_mm."""
+    rows = []
+    for shape in ("mixtral-8x7b", "qwen3-30b-a3b"):
+        for T in (1, 16, 256):
+            for p, ms in (("grouped_mm", 1.0 + T / 100), ("triton", (1.0 + T / 100) / 2), ("loop", 3.0 + T / 10)):
+                rows.append(dict(shape=shape, tokens=T, provider=p, status="ok", median_ms=ms, tflops=T / ms,
+                                 gbps=1000 / ms, hbm_frac_nominal=0.3 / ms, hbm_frac_measured=0.35 / ms,
+                                 matmul_frac=T / 1000 / ms, roofline_frac=0.4 / ms))
+        rows.append(dict(shape=shape, tokens=256, provider="hf_batched_mm", status="skipped", reason="memory"))
+    return dict(kind="device", complete=complete, rows=rows, ratios=bg.ratios(rows),
+                shapes={"mixtral-8x7b": {}, "qwen3-30b-a3b": {}},
+                machine=dict(device="SYNTHETIC", torch="x", triton="y", date="2000-01-01"),
+                settings=dict(dtype="bfloat16"), limits=dict(copy_Bps=4e12, matmul_flops=7e14))
+
+
+def test_gpu_charts_from_synthetic_result(tmp_path):
+    res = synthetic_result(complete=False)
+    fig = plot_bench_gpu_times(res)
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert [a.get_title() for a in axes] == ["mixtral-8x7b", "qwen3-30b-a3b"]
+    assert sorted(line.get_label() for line in axes[0].get_lines()) == ["grouped_mm", "loop", "triton"]
+    tri = next(line for line in axes[0].get_lines() if line.get_label() == "triton")
+    assert list(tri.get_xdata()) == [1, 16, 256]
+    assert "PARTIAL" in fig._suptitle.get_text() and "SYNTHETIC" in fig._suptitle.get_text()
+    plt.close(fig)
+    fig = plot_bench_gpu_ratios(res)
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "triton vs grouped_mm")
+    assert list(line.get_ydata()) == pytest.approx([2.0, 2.0, 2.0])
+    plt.close(fig)
+    fig = plot_bench_gpu_roofline(res)
+    assert any("HBM" in ln.get_label() for ln in fig.axes[0].get_lines())
+    plt.close(fig)
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    assert bench.main(["--plot", str(tmp_path / "r.json")]) == 0
+    for name in ("gpu_times.png", "gpu_ratios.png", "gpu_roofline.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_targets_on_synthetic_rows():
+    res = synthetic_result()
+    vs_mm, vs_loop, hbm, mm = (t[0] for t in bg.TARGETS)
+    got = {(t["target"], t["shape"], t["tokens"]): t for t in bg.evaluate_targets(res["rows"])}
+    assert got[(vs_mm, "mixtral-8x7b", 1)]["met"] is True  # 2x faster
+    assert got[(vs_loop, "mixtral-8x7b", 256)]["value"] == pytest.approx(28.6 / 1.78)
+    assert got[(vs_loop, "mixtral-8x7b", 256)]["met"] is True
+    assert got[(hbm, "qwen3-30b-a3b", 1)]["value"] == pytest.approx(0.3 / 0.505)
+    assert got[(hbm, "qwen3-30b-a3b", 1)]["met"] is False
+    assert (vs_loop, "mixtral-8x7b", 16) not in got  # only from 256 tokens
+    assert not any(k[0] == mm for k in got)  # no 8192+ token rows in this result
