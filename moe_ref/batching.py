@@ -107,6 +107,18 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
 
+    def summary(self) -> dict:
+        """Totals over self.batches: batches, requests, tokens, mean_batch_tokens, mean_load_imbalance,
+        worst_load_imbalance, dropped, failed_batches (batches whose forward raised)."""
+        ok = [b for b in self.batches if b.error is None]
+        n = len(self.batches)
+        return dict(batches=n, requests=sum(b.num_requests for b in self.batches),
+                    tokens=sum(b.num_tokens for b in self.batches),
+                    mean_batch_tokens=sum(b.num_tokens for b in self.batches) / n if n else 0.0,
+                    mean_load_imbalance=sum(b.load_imbalance for b in ok) / len(ok) if ok else 1.0,
+                    worst_load_imbalance=max((b.load_imbalance for b in ok), default=1.0),
+                    dropped=sum(b.dropped for b in ok), failed_batches=n - len(ok))
+
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> DynamicBatcher:
         """Start the worker task on the running loop (done by `async with`)."""
@@ -151,7 +163,12 @@ class DynamicBatcher:
             raise ValueError("request x contains NaN or inf values")
 
     async def submit(self, x: torch.Tensor) -> torch.Tensor:
-        """Queue x [L, D] for the next batch; return its output rows [L, D] (same dtype)."""
+        """Queue x [L, D] for the next batch; return its output rows [L, D] (same dtype).
+
+        Raises TypeError/ValueError at once for a bad x (not a tensor, wrong D, dtype or device,
+        NaN/inf); L = 0 returns an empty [0, D] without queueing. Cancelling the awaiting task
+        removes the request from the queue.
+        """
         if self._worker is None or self._closing:
             raise RuntimeError("DynamicBatcher is not running: use `async with DynamicBatcher(...) as b`")
         self._validate(x)
@@ -178,6 +195,18 @@ class DynamicBatcher:
 
     # -- worker ----------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except BaseException as e:  # a bug or a cancelled worker must not leave callers waiting forever
+            err = e if isinstance(e, Exception) else RuntimeError(f"DynamicBatcher worker stopped: {e!r}")
+            for r in self._queue:
+                if not r.future.done():
+                    r.future.set_exception(err)
+            self._queue.clear()
+            self._queued_tokens = 0
+            raise
+
+    async def _loop(self) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -280,10 +309,12 @@ class DynamicBatcher:
 class BatchingSimulation:
     """Result of simulate_dynamic_batching (times in simulated seconds).
 
-    batches: one dict per batch: index, start (s), end (s), num_requests, num_tokens,
+    batches: one dict per batch: index, first_request (its requests are first_request ..
+        first_request + num_requests - 1), start (s), end (s), num_requests, num_tokens,
         reason ("full": max_batch_tokens were queued by the start, else "timeout"), compute_s,
         expert_counts [E] list, load_imbalance (max/mean), cv (std/mean of expert loads), max_load, mean_load.
     latencies: per request, completion time minus arrival time (s), in arrival order.
+    arrivals, lengths: per request, arrival time (s) and tokens L_i, in arrival order.
     throughput_tokens_per_s: tokens served / (last completion - first arrival).
     mean_latency_s, p50_latency_s, p99_latency_s: over requests.
     mean_batch_tokens: average tokens per batch; mean_load_imbalance: average over batches;
@@ -293,6 +324,8 @@ class BatchingSimulation:
 
     batches: list[dict]
     latencies: list[float]
+    arrivals: list[float]
+    lengths: list[int]
     throughput_tokens_per_s: float
     mean_latency_s: float
     p50_latency_s: float
@@ -377,10 +410,14 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
     lengths = _draw_lengths(request_len, num_requests, g)
     total = sum(lengths)
     if layer is not None:
-        x = torch.randn(total, cfg.d_model, generator=g).to(layer.router_weight.dtype)  # [sum L, D]
+        chunks = []
+        w = layer.router_weight
         with torch.inference_mode():
-            ids = skewed_routing(x, layer.router_weight, K, skew, renormalize=cfg.renormalize,
-                                 scoring=cfg.scoring).topk_ids  # [sum L, K]
+            for lo in range(0, total, 8192):  # random tokens through the layer's (biased) router
+                x = torch.randn(min(8192, total - lo), cfg.d_model, generator=g).to(w.dtype).to(w.device)
+                chunks.append(skewed_routing(x, w, K, skew, renormalize=cfg.renormalize,
+                                             scoring=cfg.scoring).topk_ids.cpu())
+        ids = torch.cat(chunks)  # [sum L, K]
     else:
         ids = random_routing(total, E, K, skew=skew, seed=int(seed) + 1).topk_ids  # [sum L, K]
     starts = [0]
@@ -414,7 +451,8 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
         end = start + compute
         for r in range(i, j):
             done[r] = end
-        batches.append(dict(index=len(batches), start=start, end=end, num_requests=j - i, num_tokens=tokens,
+        batches.append(dict(index=len(batches), first_request=i, start=start, end=end, num_requests=j - i,
+                            num_tokens=tokens,
                             reason=reason, compute_s=compute, expert_counts=cnt.tolist(),
                             load_imbalance=load_imbalance(cnt), cv=coefficient_of_variation(cnt),
                             max_load=int(cnt.max()), mean_load=float(cnt.double().mean())))
@@ -428,7 +466,8 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
     span = max(done) - arrivals[0]
     imbs = [b["load_imbalance"] for b in batches]
     return BatchingSimulation(
-        batches=batches, latencies=lat, throughput_tokens_per_s=total / span if span > 0 else math.inf,
+        batches=batches, latencies=lat, arrivals=arrivals, lengths=lengths,
+        throughput_tokens_per_s=total / span if span > 0 else math.inf,
         mean_latency_s=sum(lat) / len(lat), p50_latency_s=pct(0.5), p99_latency_s=pct(0.99),
         mean_batch_tokens=total / len(batches), mean_load_imbalance=sum(imbs) / len(imbs),
         worst_load_imbalance=max(imbs),

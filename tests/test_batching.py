@@ -69,6 +69,9 @@ def test_many_concurrent_requests_get_their_own_rows(layer):
         assert y.shape == x.shape and y.dtype == x.dtype
         assert_close(y, layer(x).output)  # routing is per token: same rows as a forward of its own
     check_batches(b, lengths, 128)
+    summ = b.summary()
+    assert (summ["requests"], summ["tokens"], summ["failed_batches"]) == (
+        sum(n > 0 for n in lengths), sum(lengths), 0)
     assert len(b.batches) > 1 and max(r.num_requests for r in b.batches) > 1  # really batched
 
 
@@ -108,6 +111,7 @@ def test_failing_forward_fails_only_its_request(layer):
     for x, y in zip(good, [out[0], *out[2:]]):
         assert_close(y, layer(x).output)
     assert b.batches[0].error and "poisoned" in b.batches[0].error
+    assert b.summary()["failed_batches"] == 1
     assert slow.calls[0] == 15 and sorted(slow.calls[1:]) == [2, 3, 4, 6]  # batch, then each alone
 
 
@@ -265,9 +269,15 @@ def test_simulator_cost_max_and_with_a_layer():
 def test_simulator_low_rate_waits_max_wait():
     s = simulate_dynamic_batching(CFG, arrival_rate=1.0, num_requests=20, max_batch_tokens=10_000,
                                   max_wait=0.05, request_len=4, seed=0, time_per_row_s=0.0, batch_overhead_s=0.0)
-    # requests ~1 s apart: each waits max_wait alone, then runs at zero cost
+    # requests ~1 s apart: a batch starts max_wait after its oldest request and costs nothing
     assert all(b["reason"] == "timeout" for b in s.batches)
-    assert s.latencies == pytest.approx([0.05] * len(s.latencies)) or len(s.batches) < 20
+    for b in s.batches:
+        first = b["first_request"]
+        assert b["start"] == pytest.approx(s.arrivals[first] + 0.05)
+        assert s.latencies[first] == pytest.approx(0.05)
+        for r in range(first, first + b["num_requests"]):
+            assert s.arrivals[r] <= b["start"] and s.latencies[r] <= 0.05 + 1e-12
+    assert s.lengths == [4] * 20 and sum(b["num_requests"] for b in s.batches) == 20
 
 
 @pytest.mark.parametrize("kw,err", [
