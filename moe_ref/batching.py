@@ -102,6 +102,7 @@ class DynamicBatcher:
         self.offload = offload
         self.batches: list[BatchRecord] = []
         self._queue: list[_Request] = []
+        self._inflight: list[_Request] = []  # the batch being computed
         self._queued_tokens = 0
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -134,10 +135,15 @@ class DynamicBatcher:
             return
         self._closing = True
         self._wake.set()
+        worker = self._worker
         try:
-            await self._worker
+            await asyncio.shield(worker)  # our own cancellation must not kill the drain
+        except asyncio.CancelledError:
+            if not worker.cancelled():
+                raise  # the caller of close() was cancelled, not the worker
         finally:
-            self._worker = None
+            if worker.done():
+                self._worker = None
 
     async def __aenter__(self) -> DynamicBatcher:
         return await self.start()
@@ -199,10 +205,11 @@ class DynamicBatcher:
             await self._loop()
         except BaseException as e:  # a bug or a cancelled worker must not leave callers waiting forever
             err = e if isinstance(e, Exception) else RuntimeError(f"DynamicBatcher worker stopped: {e!r}")
-            for r in self._queue:
+            for r in self._queue + self._inflight:
                 if not r.future.done():
                     r.future.set_exception(err)
             self._queue.clear()
+            self._inflight = []
             self._queued_tokens = 0
             raise
 
@@ -235,7 +242,9 @@ class DynamicBatcher:
                 continue
             batch = self._take()
             if batch:
+                self._inflight = batch
                 await self._serve(batch, reason)
+                self._inflight = []
 
     def _take(self) -> list[_Request]:
         """Whole requests in arrival order, up to max_batch_tokens (at least one)."""

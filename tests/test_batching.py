@@ -152,6 +152,32 @@ def test_cancel_while_batch_runs(layer):
     assert_close(after, layer(rows(7, 5)).output)
 
 
+def test_stopped_worker_fails_waiting_callers(layer):
+    async def main():
+        async with DynamicBatcher(layer, max_batch_tokens=1000, max_wait=30.0) as b:
+            task = asyncio.create_task(b.submit(rows(3, 0)))
+            await asyncio.sleep(0.02)
+            b._worker.cancel()  # simulate a dead worker: the caller must hear about it, not hang
+            with pytest.raises(RuntimeError, match="worker stopped"):
+                await task
+
+    asyncio.run(main())
+
+
+def test_worker_stopped_mid_forward_fails_that_batch(layer):
+    slow = SlowLayer(layer, delay=0.3)
+
+    async def main():
+        async with DynamicBatcher(slow, max_batch_tokens=3, max_wait=30.0) as b:
+            task = asyncio.create_task(b.submit(rows(3, 0)))  # full at once: its forward starts
+            await asyncio.sleep(0.1)
+            b._worker.cancel()
+            with pytest.raises(RuntimeError, match="worker stopped"):
+                await task
+
+    asyncio.run(main())
+
+
 def test_max_wait_flush(layer):
     async def main():
         async with DynamicBatcher(layer, max_batch_tokens=10_000, max_wait=0.15) as b:
