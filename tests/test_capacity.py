@@ -183,7 +183,7 @@ def test_error_names_expert_load_and_capacity():
 def cap_cases(draw):
     E = draw(st.sampled_from([1, 2, 3, 8]))
     K = draw(st.integers(1, min(E, 3)))
-    T = draw(st.sampled_from([1, 2, 7, 33]))
+    T = draw(st.sampled_from([1, 2, 7, 33, 64]))
     skew = draw(st.sampled_from([0.0, 1.0, 3.0]))
     cf = draw(st.sampled_from([0.25, 0.5, 1.0, 1.25, 3.0]))
     min_cap = draw(st.integers(0, 2))
@@ -246,7 +246,7 @@ def run(layer, x, strategy, **kw):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@settings(max_examples=12)
+@settings(max_examples=25)
 @given(case=cap_cases())
 def test_outputs_under_capacity_match_reference(strategy, case):
     T, E, K, skew, cf, min_cap, policy, seed = case
