@@ -9,7 +9,8 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, C capacity per expert.
 - capacity_quality_table(...)      drop share and output error vs dropless, per
                                    (capacity factor, skew, overflow): the table the chart is drawn from.
 
-`python -m moe_ref.metrics` prints that table for a CPU-sized layer (T=1024, D=256, F=512, E=8, K=2).
+`python -m moe_ref.capacity_table` (or `moe_ref.metrics.main()`) prints that table for a CPU-sized
+layer (T=1024, D=256, F=512, E=8, K=2); `--out FILE.json` also writes it with the run's metadata.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--skews", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--drop-policy", default="position")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the rows and metadata to this JSON file")
     a = p.parse_args(argv)
     layer = MoELayer(MoEConfig(d_model=a.d_model, d_ff=a.d_ff, num_experts=a.experts, top_k=a.top_k), seed=a.seed)
     x = torch.randn(a.tokens, a.d_model, generator=torch.Generator().manual_seed(a.seed + 1))  # [T, D]
@@ -167,6 +169,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"T={a.tokens} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} float32, drop_policy={a.drop_policy}, "
           f"seed={a.seed}; rel. error = ||y - y_dropless|| / ||y_dropless||")
     print(format_table(rows))
+    if a.out:
+        import datetime
+        import json
+        import pathlib
+        import platform
+
+        meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    torch=torch.__version__, python=platform.python_version(), device="cpu", dtype="float32",
+                    args=vars(a))
+        path = pathlib.Path(a.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        print(f"wrote {path}")
     return rows
 
 

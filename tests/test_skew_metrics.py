@@ -182,3 +182,17 @@ def test_capacity_quality_table():
         capacity_quality_table(layer, x, [1.0], [0.0], overflows=("drop", "nope"))
     with pytest.raises(ValueError, match="capacity_factor"):
         capacity_quality_table(layer, x, [0.0], [0.0])
+
+
+def test_capacity_table_cli(tmp_path, capsys):
+    import json
+
+    from moe_ref.metrics import main
+
+    out = tmp_path / "cq.json"
+    rows = main(["--tokens", "40", "--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2",
+                 "--capacity-factors", "0.5", "2", "--skews", "0", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert len(rows) == 2 * 2 * 2 and text.count("| drop |") == 4 and text.count("| reroute |") == 4
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["meta"]["args"]["tokens"] == 40
