@@ -63,7 +63,15 @@ def priority_rank(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
 
 @dataclass
 class CapacityResult:
-    """Routings to run (one per pass) and what capacity did."""
+    """Routings to run (one per pass) and what capacity did.
+
+    passes:         Routings to compute and sum (1, or ceil(max load / C) with "spill"); ids -1 are dropped
+                    assignments, their weights zeroed.
+    capacity:       C, or None when no capacity applies (capacity=None or overflow="dropless").
+    dropped:        assignments that contribute nothing; dropped_tokens: tokens that lost all K.
+    rerouted:       assignments moved to another expert ("reroute"; they keep their gate weight).
+    final_ids:      [T, K] experts after drop/reroute (-1 = dropped); the original ids otherwise.
+    """
 
     passes: list[Routing]
     capacity: int | None
@@ -85,7 +93,11 @@ def _count_dropped_tokens(before: torch.Tensor, after: torch.Tensor) -> int:
 
 def apply_capacity(routing: Routing, num_experts: int, capacity: CapacityConfig | None,
                    scoring: str = "softmax") -> CapacityResult:
-    """Apply a CapacityConfig to a Routing. capacity=None or overflow="dropless" changes nothing."""
+    """Apply a CapacityConfig to a Routing of T tokens over num_experts experts (see module doc).
+
+    capacity=None or overflow="dropless" changes nothing; "error" raises a ValueError naming the
+    first expert over C, its load and C. "reroute" needs routing.logits (probabilities by `scoring`).
+    """
     if capacity is not None and not isinstance(capacity, CapacityConfig):
         raise TypeError(f"capacity must be a moe_ref.CapacityConfig or None, got {type(capacity).__name__}")
     if capacity is None or capacity.overflow == "dropless":
