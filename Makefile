@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.moe_ref-setup
 TORCH_SPEC ?= torch==2.13.0
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: setup test tour lab bench gpu-check clean
+.PHONY: setup test tour lab bench gpu-check clean browser-deps
 
 setup: $(STAMP)
 
@@ -18,8 +18,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev,notebooks,hf]"
 	@touch $(STAMP)
 
-## make test: lint, the unit tests, and every notebook under nbmake at smoke size.
-test: setup
+## make browser-deps: Debian's chromium for tests/test_browser.py (apt-get when root; never a browser download).
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	    || echo "NOTE: apt-get install chromium failed: tests/test_browser.py will fail under CI=true"; \
+	else \
+	  echo "NOTE: /usr/bin/chromium missing (not root or no apt-get): install Debian's chromium;"; \
+	  echo "      tests/test_browser.py skips without it, and fails when CI=true"; \
+	fi
+
+## make test: lint, the unit tests (incl. the real-browser notebook test), every notebook under nbmake.
+test: setup browser-deps
 	$(BIN)/ruff check moe_ref kernels tests
 	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
 
