@@ -210,6 +210,7 @@ class LayerStats:
         return 0.0 if n == 0 else float(self.expert_counts.max()) * self.num_experts / n
 
     def add(self, stats: MoEStats, tokens: int, routing: Routing | None) -> None:
+        """Accumulate one forward call's MoEStats (and its Routing when recording)."""
         self.calls += 1
         self.tokens += tokens
         self.expert_counts += stats.expert_counts.to(self.expert_counts.device)
@@ -224,9 +225,10 @@ class LayerStats:
 
 
 class HFMoEBlock(nn.Module):
-    """Drop-in for a transformers sparse-MoE block: hidden_states [B, S, D] -> same (or a tuple
-    (hidden_states, router_logits [B*S, E]) when the replaced block returned one, as in transformers 4.x).
-    The MoE is computed by moe_ref (router, capacity, strategy); every call adds to `stats`.
+    """Drop-in for a transformers sparse-MoE block, computed by moe_ref; every call adds to `stats`.
+
+    forward(hidden_states [B, S, D]) -> [B, S, D], or the tuple (hidden_states, router_logits [B*S, E])
+    when the replaced block returned one (transformers 4.x). Router, capacity and strategy are moe_ref's.
     """
 
     def __init__(self, moe: MoELayer | SharedExpertMoE, stats: LayerStats, strategy: str = "grouped",
@@ -244,6 +246,7 @@ class HFMoEBlock(nn.Module):
         return f"strategy={self.strategy!r}, capacity={self.capacity}"
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """Route, apply capacity, run the strategy, record the stats; same return type as the original block."""
         D = hidden_states.shape[-1]
         x2d = hidden_states.reshape(-1, D)  # [T, D]
         routing = self.moe.route(x2d)
@@ -384,7 +387,8 @@ def hf_experts_implementations() -> list[str]:
 def hf_experts_providers(layer: MoELayer) -> dict[str, callable]:
     """transformers' own experts implementations on `layer`'s weights: {name: fn(x2d [T, D], routing) -> y [T, D]}.
 
-    Names among "eager", "grouped_mm", "batched_mm", as this transformers has them ({} without transformers).
+    Names among "eager", "grouped_mm", "batched_mm", as this transformers has them ({} without transformers;
+    an implementation this version cannot build is left out).
     The weights are shared with the layer (no copy). Routing ids must be >= 0 (dropless routings only).
     """
     if not isinstance(layer, MoELayer):
@@ -397,12 +401,15 @@ def hf_experts_providers(layer: MoELayer) -> dict[str, callable]:
                    num_experts_per_tok=c.top_k, hidden_act="silu")
     out = {}
     for name in hf_experts_implementations():
-        hcfg = _copy.deepcopy(base)
-        hcfg._experts_implementation = name
-        with torch.device("meta"):
-            ex = ex_cls(hcfg)
-        ex.gate_up_proj = nn.Parameter(layer.w13.data, requires_grad=False)  # [E, 2F, D], shared
-        ex.down_proj = nn.Parameter(layer.w2.data, requires_grad=False)  # [E, D, F], shared
+        try:
+            hcfg = _copy.deepcopy(base)
+            hcfg._experts_implementation = name
+            with torch.device("meta"):
+                ex = ex_cls(hcfg)
+            ex.gate_up_proj = nn.Parameter(layer.w13.data, requires_grad=False)  # [E, 2F, D], shared
+            ex.down_proj = nn.Parameter(layer.w2.data, requires_grad=False)  # [E, D, F], shared
+        except (AttributeError, KeyError, ValueError, TypeError):  # this transformers lacks the implementation
+            continue
         out[name] = _provider(ex, c.num_experts)
     return out
 
