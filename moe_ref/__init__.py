@@ -25,6 +25,15 @@ from .strategy import register_strategy, strategy_names
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """Lazy submodule `moe_ref.hf`: transformers is imported only when it is used."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'moe_ref' has no attribute {name!r}")
+
 __all__ = [
     "CapacityConfig", "CapacityResult", "DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "MoEStats",
     "Routing", "apply_capacity", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",

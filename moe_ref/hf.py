@@ -321,8 +321,11 @@ class PatchReport:
 
 def _returns_tuple(block: nn.Module, D: int, like: torch.Tensor) -> bool:
     """Does this block's forward return (hidden, router_logits) (transformers 4.x) or a tensor (5.x)?"""
-    with torch.no_grad():
-        out = block(torch.zeros(1, 1, D, dtype=like.dtype, device=like.device))
+    try:
+        with torch.no_grad():
+            out = block(torch.zeros(1, 1, D, dtype=like.dtype, device=like.device))
+    except Exception:  # e.g. weights on the meta device: transformers 5.x blocks return a tensor
+        return False
     return isinstance(out, tuple)
 
 
