@@ -115,30 +115,33 @@ def _check_block(block) -> None:
 class SharedExpertMoE(nn.Module):
     """Routed MoELayer plus a gated shared expert (Qwen2-MoE): y = moe(x) + sigmoid(x @ g^T) * shared(x).
 
-    shared_w13 [2Fs, D] (gate rows, then up), shared_w2 [D, Fs], shared_gate_weight [1, D].
+    shared(x) = shared_down_proj @ (silu(shared_gate_proj @ x) * (shared_up_proj @ x)), with
+    shared_gate_proj, shared_up_proj [Fs, D], shared_down_proj [D, Fs], shared_expert_gate [1, D].
     forward takes and returns what MoELayer does; stats describe the routed experts only.
     """
 
-    def __init__(self, moe: MoELayer, shared_w13: torch.Tensor, shared_w2: torch.Tensor,
-                 shared_gate_weight: torch.Tensor):
+    def __init__(self, moe: MoELayer, shared_gate_proj: torch.Tensor, shared_up_proj: torch.Tensor,
+                 shared_down_proj: torch.Tensor, shared_expert_gate: torch.Tensor):
         super().__init__()
         self.moe = moe
         self.cfg = moe.cfg
-        self.shared_w13 = nn.Parameter(shared_w13, requires_grad=False)  # [2Fs, D]
-        self.shared_w2 = nn.Parameter(shared_w2, requires_grad=False)  # [D, Fs]
-        self.shared_gate_weight = nn.Parameter(shared_gate_weight, requires_grad=False)  # [1, D]
+        for name, w in (("shared_gate_proj", shared_gate_proj), ("shared_up_proj", shared_up_proj),
+                        ("shared_down_proj", shared_down_proj), ("shared_expert_gate", shared_expert_gate)):
+            self.register_parameter(name, nn.Parameter(w, requires_grad=False))
 
     def route(self, x2d: torch.Tensor) -> Routing:
+        """Routing for x2d [T, D] with the routed experts' router."""
         return self.moe.route(x2d)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """Gated shared-expert output for x [..., D]."""
-        g, u = (x @ self.shared_w13.t()).chunk(2, dim=-1)  # [..., Fs] each
-        y = (Fn.silu(g) * u) @ self.shared_w2.t()  # [..., D]
-        return torch.sigmoid(x @ self.shared_gate_weight.t()) * y  # [..., 1] * [..., D]
+        h = Fn.silu(x @ self.shared_gate_proj.t()) * (x @ self.shared_up_proj.t())  # [..., Fs]
+        y = h @ self.shared_down_proj.t()  # [..., D]
+        return torch.sigmoid(x @ self.shared_expert_gate.t()) * y  # [..., 1] * [..., D]
 
     def forward(self, x: torch.Tensor, strategy: str = "grouped", routing: Routing | None = None,
                 capacity: CapacityConfig | None = None) -> MoEOutput:
+        """The routed MoE (any strategy, routing, capacity) plus the gated shared expert."""
         out = self.moe(x, strategy=strategy, routing=routing, capacity=capacity)
         return MoEOutput(out.output + self.shared(x), out.stats)
 
@@ -167,9 +170,8 @@ def from_hf(block: nn.Module, *, copy: bool = True, dtype: torch.dtype | None = 
     if not SUPPORTED_BLOCKS[type(block).__name__]:
         return layer
     se = block.shared_expert
-    s13 = torch.cat([se.gate_proj.weight, se.up_proj.weight])  # [2Fs, D]
-    return SharedExpertMoE(layer, conv(s13), conv(se.down_proj.weight.data),
-                           conv(block.shared_expert_gate.weight.data))
+    return SharedExpertMoE(layer, conv(se.gate_proj.weight.data), conv(se.up_proj.weight.data),
+                           conv(se.down_proj.weight.data), conv(block.shared_expert_gate.weight.data))
 
 
 # ----------------------------------------------------------------------------------------- patching
@@ -336,8 +338,9 @@ def patch_model(model: nn.Module, strategy: str = "grouped", capacity: CapacityC
     strategy: any moe_ref strategy name; capacity: a CapacityConfig or None (dropless).
     record_routing=True keeps every call's Routing in report.layers[i].routings (for inspection/tests).
     Returns a PatchReport; report.unpatch() (or `with patch_model(...)`) restores the original blocks.
-    Note: the original router modules are not called, so transformers' output_router_logits capture
-    (and the auxiliary load-balancing loss) sees no router logits while patched.
+    Notes: the original router modules are not called, so transformers' output_router_logits capture
+    (and the auxiliary load-balancing loss) sees no router logits while patched; parameter names change
+    while patched (mlp.moe.w13 ...), so unpatch before saving a state_dict.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")

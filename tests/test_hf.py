@@ -128,6 +128,13 @@ def test_from_hf_copy_and_share():
     torch.testing.assert_close(copied.w13, block.experts.gate_up_proj.detach())
     torch.testing.assert_close(copied.w2, block.experts.down_proj.detach())
     assert hf.from_hf(block, dtype=torch.float32).w13.dtype == torch.float32
+    qblock = _blocks(build("qwen2_moe"))[0]
+    q = hf.from_hf(qblock, copy=False)  # what patch_model does: no second copy of any weight
+    assert q.shared_gate_proj.data_ptr() == qblock.shared_expert.gate_proj.weight.data_ptr()
+    assert q.shared_up_proj.data_ptr() == qblock.shared_expert.up_proj.weight.data_ptr()
+    assert q.shared_down_proj.data_ptr() == qblock.shared_expert.down_proj.weight.data_ptr()
+    assert q.shared_expert_gate.data_ptr() == qblock.shared_expert_gate.weight.data_ptr()
+    assert q.moe.w2.data_ptr() == qblock.experts.down_proj.data_ptr()
 
 
 def test_from_hf_errors():
