@@ -471,3 +471,28 @@ def print_summary(result: dict) -> None:
     for t in result.get("targets", []):
         print(f"target {t['target']}: {t['shape']} T={t['tokens']}: {t['value']:.2f} "
               f"(>= {t['threshold']}) {'met' if t['met'] else 'NOT met'}")
+
+
+def find_results_dir(start: Path | None = None) -> Path | None:
+    """docs/results of this checkout: searched upward from `start` (cwd), then beside the installed package."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in [here, *here.parents, Path(__file__).resolve().parents[1]]:
+        if (d / "docs" / "results").is_dir():
+            return d / "docs" / "results"
+    return None
+
+
+def load_device_results(folder: Path | None) -> list[dict]:
+    """Every committed device result (JSON with kind == "device") in folder, newest first; [] if none."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    out = []
+    for p in sorted(Path(folder).glob("*.json")):
+        try:
+            res = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(res, dict) and res.get("kind") == "device" and res.get("rows"):
+            res["_path"] = str(p)
+            out.append(res)
+    return sorted(out, key=lambda r: r.get("machine", {}).get("date", ""), reverse=True)
