@@ -278,11 +278,17 @@ def _check_slider_moves_chart(page, name: str) -> None:
     slider.scroll_into_view_if_needed()
     label = slider.locator(".widget-readout").first
     value_before = label.inner_text()
-    slider.locator(".noUi-handle").first.focus()
-    for _ in range(3):
-        page.keyboard.press("ArrowRight")
-    page.wait_for_function("(v) => { const r = document.querySelector('.widget-slider .widget-readout');"
-                           " return r && r.innerText !== v; }", arg=value_before, timeout=10_000)
+    moved = ("(v) => { const r = document.querySelector('.widget-slider .widget-readout');"
+             " return r && r.innerText !== v; }")
+    for key in ("ArrowRight", "ArrowLeft"):  # a slider already at its maximum moves left instead
+        slider.locator(".noUi-handle").first.focus()
+        for _ in range(3):
+            page.keyboard.press(key)
+        try:
+            page.wait_for_function(moved, arg=value_before, timeout=5_000)
+            break
+        except Exception:  # playwright's TimeoutError: try the other direction, then fail below
+            continue
     deadline, after = time.monotonic() + 60, before
     while time.monotonic() < deadline:
         after = _chart_digests(page)
