@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_ref
 from helpers import assert_close
@@ -30,6 +32,9 @@ from transformers import (  # noqa: E402
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 
 from moe_ref import hf  # noqa: E402
 
@@ -102,6 +107,37 @@ def test_from_hf_equals_block(arch, dtype):
                 assert out.output.shape == want.shape and out.output.dtype == dtype
                 assert_close(out.output, want, msg=f"{arch} {strategy}")
                 assert out.stats.routed == x.shape[0] * x.shape[1] * 2
+
+
+@settings(max_examples=25)
+@given(E=st.integers(1, 8), k=st.integers(1, 8), T=st.sampled_from([0, 1, 2, 33, 222]),
+       arch=st.sampled_from(["mixtral", "olmoe", "qwen2_moe"]), norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_from_hf_random_blocks(E, k, T, arch, norm, seed):
+    """Blocks built straight from configs, random E, K <= E, T incl. 0: from_hf == block (float64)."""
+    K = min(k, E)
+    _, cfg_cls, kw, _ = ARCHS[arch]
+    kw = {key: v for key, v in kw.items() if key not in ("num_experts", "num_local_experts", "norm_topk_prob")}
+    kw["num_local_experts" if arch == "mixtral" else "num_experts"] = E
+    if arch != "mixtral":
+        kw["norm_topk_prob"] = norm
+    cfg = cfg_cls(**dict(COMMON, num_experts_per_tok=K), **kw, experts_implementation="eager")
+    block_cls = {"mixtral": MixtralSparseMoeBlock, "olmoe": OlmoeSparseMoeBlock, "qwen2_moe": Qwen2MoeSparseMoeBlock}
+    torch.manual_seed(seed)
+    block = block_cls[arch](cfg).to(torch.float64).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * p.shape[-1] ** -0.5)
+    x = torch.randn(1, T, D, generator=g, dtype=torch.float64)  # [B=1, S=T, D]
+    layer = hf.from_hf(block)
+    assert (layer.cfg.num_experts, layer.cfg.top_k) == (E, K)
+    assert layer.cfg.renormalize is (True if arch == "mixtral" else norm)
+    with torch.no_grad():
+        want = block(x)
+        got = layer(x, strategy="grouped")
+    assert got.output.shape == want.shape
+    assert_close(got.output, want)
+    assert got.stats.routed == T * K
 
 
 def test_from_hf_follows_norm_topk_prob():
