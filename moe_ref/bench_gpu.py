@@ -83,7 +83,7 @@ class Timer:
                  min_reps: int = 3, max_reps: int = 50, flush_l2: bool = True):
         if mode not in ("events", "do_bench"):
             raise ValueError(f"timer mode must be 'events' or 'do_bench', got {mode!r}")
-        self.device = torch.device(device)
+        self.device = _device(device)
         self.cuda = self.device.type == "cuda"
         if mode == "do_bench" and not self.cuda:
             raise ValueError("timer mode 'do_bench' needs a CUDA device")
@@ -168,9 +168,18 @@ def make_layer(shape, dtype: torch.dtype, device, seed: int = 0) -> MoELayer:
     same scaled-normal init, different random numbers.
     """
     cfg = MoEConfig(shape.d_model, shape.d_ff, shape.num_experts, shape.top_k)
-    with torch.device("meta"):
-        layer = MoELayer(cfg, dtype=dtype)
-    layer = layer.to_empty(device=device)
+    try:
+        with torch.device("meta"):
+            layer = MoELayer(cfg, dtype=dtype)
+        layer = layer.to_empty(device=device)
+    except (RuntimeError, TypeError, ValueError):  # a torch whose meta tensors refuse the CPU generator
+        layer = MoELayer.__new__(MoELayer)
+        torch.nn.Module.__init__(layer)
+        layer.cfg = cfg
+        E, D, F = shape.num_experts, shape.d_model, shape.d_ff
+        for name, size in (("router_weight", (E, D)), ("w13", (E, 2 * F, D)), ("w2", (E, D, F))):
+            w = torch.empty(size, dtype=dtype, device=device)
+            layer.register_parameter(name, torch.nn.Parameter(w, requires_grad=False))
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         layer.router_weight.normal_(0.0, shape.d_model**-0.5, generator=g)  # [E, D]
@@ -228,6 +237,14 @@ def make_providers(layer: MoELayer, names, notes: list[str]) -> dict[str, Callab
     return providers
 
 
+def _device(device) -> torch.device:
+    """torch.device with an explicit index for CUDA ('cuda' -> 'cuda:<current>')."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _free(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -281,7 +298,7 @@ def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=t
 
     on_progress(result) is called after every token count so a caller can write partial results.
     """
-    device = torch.device(device)
+    device = _device(device)
     t_start = time.perf_counter()
     timer = timer or Timer(device)
     el = torch.empty(0, dtype=dtype).element_size()

@@ -115,6 +115,25 @@ def test_make_providers_names_hf_implementations():
         assert hf and all(p.startswith("hf_") for p in hf), (hf, notes)
 
 
+@pytest.mark.parametrize("meta_fails", [False, True])
+def test_make_layer_draws_weights_on_the_device(monkeypatch, meta_fails):
+    if meta_fails:  # the fallback for a torch whose meta construction fails
+        def refuse(self, device):
+            raise RuntimeError("meta refused (simulated)")
+
+        monkeypatch.setattr(bg.MoELayer, "to_empty", refuse)
+    shape = Shape("mid", 64, 96, 5, 2)
+    layer = bg.make_layer(shape, torch.bfloat16, "cpu", seed=3)
+    assert isinstance(layer, bg.MoELayer) and layer.cfg.num_experts == 5
+    for name, size, std in (("router_weight", (5, 64), 64**-0.5), ("w13", (5, 192, 64), 64**-0.5),
+                            ("w2", (5, 64, 96), 96**-0.5)):
+        w = getattr(layer, name)
+        assert w.shape == size and w.dtype == torch.bfloat16 and not w.requires_grad
+        assert w.float().std().item() == pytest.approx(std, rel=0.1)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    assert layer(x, strategy="grouped").output.shape == (4, 64)
+
+
 def test_skip_reason_linear_estimate():
     last = {"loop": [(1, 2.0), (16, 5.0)]}  # slope 0.2 ms per token
     r = bg._skip_reason("loop", TINY, 1024, 2, last, cap_ms=100.0, device="cpu")
