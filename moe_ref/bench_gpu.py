@@ -222,14 +222,14 @@ def make_providers(layer: MoELayer, names, notes: list[str]) -> dict[str, Callab
                 hf = importlib.import_module("moe_ref.hf")
                 for impl, fn in hf.hf_experts_providers(layer).items():
                     providers[impl if impl.startswith("hf_") else f"hf_{impl}"] = fn
-            except (ImportError, AttributeError) as e:
+            except Exception as e:  # absent (ImportError/AttributeError) or broken on this version: note it
                 notes.append(f"Hugging Face providers skipped: {type(e).__name__}: {e}")
         elif name == "triton":
             try:
                 kernels = importlib.import_module("moe_ref.kernels")
                 fused = kernels.fused_moe
                 providers["triton"] = lambda x, r, f=fused: f(x, r.topk_ids, r.topk_weights, w13, w2)
-            except (ImportError, AttributeError, RuntimeError) as e:
+            except Exception as e:  # no triton, or moe_ref.kernels failed to import: note it, time the rest
                 notes.append(f"triton provider skipped: {type(e).__name__}: {e}")
         else:
             fn = get_strategy(name)
@@ -316,6 +316,8 @@ def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=t
         notes: list[str] = []
         provs = make_providers(layer, providers, notes)
         result["notes"] += [f"{shape.name}: {n}" for n in notes]
+        for n in notes:
+            print(f"note ({shape.name}): {n}", flush=True)
         last: dict[str, list[tuple[int, float]]] = {}  # provider -> [(T, ms)] measured so far
         for T in tokens:
             x, r = make_routing(layer, T, skew, seed + T)

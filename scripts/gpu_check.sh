@@ -109,8 +109,11 @@ fi
 # 4. GPU tests (keep going on failure; the junit xml says which)
 PYTEST_LIMIT=$(($(left) - 250))
 [ "$PYTEST_LIMIT" -gt 200 ] && PYTEST_LIMIT=200
+TIMEOUT_OPT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=150) # per test, when the plugin is there
 step pytest-gpu "$PYTEST_LIMIT" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider \
-    --continue-on-collection-errors --timeout=150 -o junit_family=xunit2 --junitxml="$OUT/pytest-gpu.xml" -rfEs
+    --continue-on-collection-errors ${TIMEOUT_OPT[@]+"${TIMEOUT_OPT[@]}"} -o junit_family=xunit2 \
+    --junitxml="$OUT/pytest-gpu.xml" -rfEs
 
 [ "${STEPS[-1]}" != "${STEPS[-1]#pytest-gpu: rc=5}" ] && stamp "note: pytest rc=5 means no GPU test was collected"
 
