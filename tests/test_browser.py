@@ -145,6 +145,7 @@ _JS_STATE = """() => {
     for (let j = 0; j < c.outputs.length; j++) {
       const o = c.outputs.get(j).toJSON();
       outs.push({type: o.output_type, ename: o.ename || null, evalue: o.evalue || null,
+                 mimes: Object.keys(o.data || {}),
                  text: o.output_type === 'error' ? (o.traceback || []).join('\\n').slice(-3000) : null});
     }
     cells.push({index: i, count: c.executionCount, state: c.executionState || null,
@@ -223,6 +224,7 @@ def test_notebook_runs_in_browser(lab, page, name):
     _open(page, lab, name)
     state = _run_all(page)
     _shot(page, f"{Path(name).stem}.png")
+    (SHOTS / f"{Path(name).stem}.json").write_text(json.dumps(state, indent=1))  # what the browser's model held
     errs = _errors(state)
     assert not errs, f"{name}: error output in the browser:\n" + "\n\n".join(errs)
     code = [c for c in state["cells"] if not c["empty"]]
