@@ -64,7 +64,7 @@ def plot_latency_throughput(rows: Sequence[Mapping], title: str | None = None) -
     ax.set_xlabel("max_wait (ms)")
     ax.set_ylabel("request latency (ms): p99 solid, p50 dotted")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     ax.set_title("latency")
     bx.set_xlabel("max_wait (ms)")
     bx.set_ylabel("served tokens / s")

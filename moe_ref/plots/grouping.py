@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from .naive import expert_colors
 
@@ -56,6 +57,7 @@ def plot_grouping(topk_ids: torch.Tensor, plan, title: str | None = None, max_sl
         a.set_ylim(-0.1, 1.0)
         a.set_yticks([])
         a.set_xlabel("position")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     for e in range(E):
         lo, hi = offsets[e], offsets[e + 1]
         if hi > lo and lo < width:

@@ -93,8 +93,8 @@ def plot_naive_work(counts, num_tokens: int, top_k: int, title: str | None = Non
     E, T, K = len(c), int(num_tokens), int(top_k)
     fig = Figure(figsize=(11, 3.6), layout="constrained")
     ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[3, 2]))
-    plot_expert_load(c, ax=ax, title=f"loop: {E} separate GEMMs, batch sizes {min(c)}..{max(c)} rows "
-                                     f"(T={T}, K={K})")
+    plot_expert_load(c, ax=ax, title=f"loop: {E} separate GEMMs of {min(c)}..{max(c)} rows (T={T}, K={K})")
+    ax.title.set_fontsize(10)
     useful = T * K
     dense = T * E
     bx.bar(["dense", "loop / grouped"], [useful, useful], color="tab:blue", label="useful rows (T*K)")
@@ -102,7 +102,7 @@ def plot_naive_work(counts, num_tokens: int, top_k: int, title: str | None = Non
            label="wasted rows (masked out)")
     waste = 1 - useful / dense if dense else 0.0
     bx.set_ylabel("token rows through an expert FFN")
-    bx.set_title(f"dense computes E/K = {E / K:.1f}x the work ({waste:.0%} wasted)")
+    bx.set_title(f"dense: E/K = {E / K:.1f}x the work, {waste:.0%} wasted", fontsize=10)
     bx.legend(loc="upper right", fontsize=8)
     if title:
         fig.suptitle(title)
