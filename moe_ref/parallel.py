@@ -38,7 +38,8 @@ from .ep_plan import (
 from .router import Routing, check_x2d
 
 __all__ = ["EPOutput", "EPSimResult", "EPRankStats", "ep_forward", "simulate_ep", "split_tokens",
-           "shard_experts", "shard_bounds", "run_with_torch_distributed", "split_routing", "PRESETS", "main"]
+           "shard_experts", "shard_bounds", "run_with_torch_distributed", "split_routing",
+           "run_local_group", "free_port", "PRESETS", "main"]
 
 SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
 
@@ -234,6 +235,76 @@ def simulate_ep(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.
         reqs = nxt
     ys, stats = zip(*done)
     return EPSimResult(output=torch.cat(ys), rank_stats=list(stats), traffic_bytes=meters)
+
+
+# ----------------------------------------------------------------------------- local process groups
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for MASTER_PORT)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_entry(fn, rank, world_size, port, backend, collective_timeout, args, q):
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=collective_timeout))
+        q.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException as e:  # report every failure, then leave (peers see the closed connection)
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local_group(fn, world_size: int, args=(), *, timeout: float = 60.0, collective_timeout: float = 20.0,
+                    backend: str = "gloo") -> dict[int, tuple[str, object]]:
+    """Run fn(rank, world_size, *args) in `world_size` fresh processes joined in a loopback process group.
+
+    Bounded in time: each collective fails after `collective_timeout` s, and any process still running
+    after `timeout` s is killed. Returns {rank: (status, payload)} with status "ok" (payload = fn's return
+    value, which must pickle), "error" (the exception and a short traceback), "died" (exit code, no
+    report) or "timeout". fn must be importable by name (a module-level function), as spawn requires.
+    """
+    import multiprocessing as mp
+    import queue
+    import time
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_group_entry, daemon=True,
+                         args=(fn, r, world_size, port, backend, collective_timeout, tuple(args), q))
+             for r in range(world_size)]
+    for pr in procs:
+        pr.start()
+    results: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + timeout
+    gone_since: dict[int, float] = {}
+    while len(results) < world_size and time.monotonic() < deadline:
+        try:
+            rank, status, payload = q.get(timeout=0.1)
+            results[rank] = (status, payload)
+        except queue.Empty:
+            for r, pr in enumerate(procs):  # a process that exited without a report (killed, crashed)
+                if r not in results and pr.exitcode is not None:
+                    if time.monotonic() - gone_since.setdefault(r, time.monotonic()) > 2.0:
+                        results[r] = ("died", pr.exitcode)
+    for r, pr in enumerate(procs):
+        if r not in results:
+            results[r] = ("timeout", f"rank {r} still running after {timeout:.0f} s: killed")
+        if pr.is_alive():
+            pr.kill()
+        pr.join(5)
+    return dict(sorted(results.items()))
 
 
 # ----------------------------------------------------------------------------- CLI (torchrun)
