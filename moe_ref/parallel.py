@@ -38,7 +38,7 @@ from .ep_plan import (
 from .router import Routing, check_x2d
 
 __all__ = ["EPOutput", "EPSimResult", "EPRankStats", "ep_forward", "simulate_ep", "split_tokens",
-           "shard_experts", "shard_bounds", "run_with_torch_distributed", "split_routing",
+           "shard_experts", "shard_bounds", "run_with_torch_distributed", "split_routing", "unique_destinations",
            "run_local_group", "free_port", "PRESETS", "main"]
 
 SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
@@ -102,6 +102,22 @@ def split_routing(routing: Routing, splits: list[int]) -> list[Routing]:
     lg = routing.logits.split(splits) if routing.logits is not None else [None] * len(splits)
     return [Routing(topk_ids=i, topk_weights=w, logits=g) for i, w, g in
             zip(routing.topk_ids.split(splits), routing.topk_weights.split(splits), lg)]
+
+
+def unique_destinations(routing: Routing, num_experts: int, world_size: int, token_splits=None) -> torch.Tensor:
+    """[P, P] rows from rank p to rank q if each token were sent once per destination *rank* (not per expert).
+
+    rank_program sends one row per assignment, so a token whose K experts share a rank travels twice;
+    deduplicating per rank (as DeepEP does) sends it once. Computed from the routing (no transport).
+    """
+    El = check_world(num_experts, world_size)
+    splits = split_tokens(routing.num_tokens, world_size, token_splits)
+    src = torch.repeat_interleave(torch.arange(world_size), torch.tensor(splits))  # [T] source rank
+    ids = routing.topk_ids  # [T, K]
+    dest = torch.where(ids >= 0, ids // El, world_size)  # [T, K] destination rank (P = dropped)
+    hit = torch.zeros(routing.num_tokens, world_size + 1, dtype=torch.long).scatter_(1, dest, 1)[:, :world_size]
+    out = torch.zeros(world_size, world_size, dtype=torch.long)
+    return out.index_add_(0, src, hit)  # [P, P]
 
 
 # ----------------------------------------------------------------------------- real run
