@@ -464,12 +464,8 @@ def write_charts(result: dict, out: Path, prefix: str = "gpu") -> list[Path]:
     paths = []
     for suffix, fn in (("times", plot_bench_gpu_times), ("ratios", plot_bench_gpu_ratios),
                        ("roofline", plot_bench_gpu_roofline)):
-        fig = fn(result)
         p = out / f"{prefix}_{suffix}.png"
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        fn(result).savefig(p, dpi=110, bbox_inches="tight")
         paths.append(p)
     return paths
 

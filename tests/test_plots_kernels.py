@@ -25,6 +25,13 @@ def test_padded_rows():
     assert padded_rows(torch.tensor([32]), 16) == 32
 
 
+@pytest.fixture(autouse=True)
+def _no_global_figures():
+    before = set(plt.get_fignums())
+    yield
+    assert set(plt.get_fignums()) == before, "plot functions must not register pyplot figures"
+
+
 def test_plot_alignment_counts_cells_and_padding():
     fig = plot_alignment(hand_plan(), num_experts=3)
     grid, bars = fig.axes[0], fig.axes[1]
@@ -32,7 +39,7 @@ def test_plot_alignment_counts_cells_and_padding():
     texts = [t.get_text() for t in grid.texts]
     assert texts.count("pad") == 2
     assert {"0.0", "1.0", "2.0", "0.1", "1.1", "2.1"} <= set(texts)  # slot s shown as token.choice
-    assert "block 2 → e2" in texts
+    assert [t.get_text() for t in grid.get_yticklabels()] == [f"block {b} → e{e}" for b, e in enumerate([0, 0, 2, 2])]
     assert "6 slots -> 8 rows (25% padding)" in bars.get_title()
     real = [p.get_width() for p in bars.patches[:3]]
     assert real == [3, 0, 3]

@@ -7,7 +7,6 @@ rows are left out of the lines, so a partial sweep still draws.
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 __all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "plot_bench_gpu_roofline"]
@@ -17,7 +16,8 @@ def plot_bench_cpu(result: dict) -> Figure:
     """Bar chart of milliseconds per provider, one panel per (dtype, T), with the GEMM-only bound marked."""
     rows = result["rows"]
     cases = sorted({(r["dtype"], r["tokens"]) for r in rows}, key=lambda c: (c[0], c[1]))
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(cases), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(cases), squeeze=False)
     for ax, (dt, T) in zip(axes[0], cases):
         sel = [r for r in rows if r["dtype"] == dt and r["tokens"] == T]
         names = [r["provider"] for r in sel]
@@ -31,7 +31,6 @@ def plot_bench_cpu(result: dict) -> Figure:
         ax.tick_params(axis="x", rotation=35)
     m = result["machine"]
     fig.suptitle(f"{result['shape']['name']} on {m['device']} — torch {m['torch']}, {m['date'][:10]}", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -54,7 +53,8 @@ def _shape_names(result: dict) -> list[str]:
 def _grid(n: int, w: float = 4.6, h: float = 3.6):
     cols = min(n, 2) if n > 1 else 1
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    fig = Figure(figsize=(w * cols, h * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -104,7 +104,6 @@ def plot_bench_gpu_times(result: dict) -> Figure:
         if provs:
             ax.legend(fontsize=7)
     _title(fig, result, "MoE layer time")
-    fig.tight_layout()
     return fig
 
 
@@ -137,7 +136,6 @@ def plot_bench_gpu_ratios(result: dict) -> Figure:
         else:
             ax.text(0.5, 0.5, "no triton results", ha="center", transform=ax.transAxes)
     _title(fig, result, "Triton speedups (dotted: issue targets 1.1x grouped_mm, 5x loop)")
-    fig.tight_layout()
     return fig
 
 
@@ -171,5 +169,4 @@ def plot_bench_gpu_roofline(result: dict, providers=("triton", "grouped_mm")) ->
     if bw and mm:
         what += f" (measured copy {bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s; targets 0.7 / 0.6)"
     _title(fig, result, what)
-    fig.tight_layout()
     return fig

@@ -8,7 +8,7 @@ block_m, num_tokens, top_k. These functions only read it (on the host) and draw.
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
+import matplotlib
 import torch
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
@@ -20,7 +20,7 @@ PAD_COLOR = "#dddddd"
 
 
 def _expert_color(e: int, E: int):
-    cmap = plt.get_cmap("tab20" if E > 10 else "tab10")
+    cmap = matplotlib.colormaps["tab20" if E > 10 else "tab10"]
     return cmap(e % cmap.N)
 
 
@@ -48,8 +48,8 @@ def plot_alignment(plan, num_experts: int, title: str | None = None, max_blocks:
     n, bm, slots, experts = _plan_lists(plan)
     S, K = int(plan.num_tokens) * int(plan.top_k), int(plan.top_k)
     blocks = min(len(experts), max_blocks)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(min(3 + 0.5 * bm, 14) + 3.5, 1.2 + 0.38 * max(blocks, 4)),
-                                 gridspec_kw=dict(width_ratios=[max(bm, 4), 5]), squeeze=True)
+    fig = Figure(figsize=(min(3 + 0.5 * bm, 14) + 3.5, 1.2 + 0.38 * max(blocks, 4)), layout="constrained")
+    ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[max(bm, 4), 5]))
     for b in range(blocks):
         e = experts[b]
         for j in range(bm):
@@ -60,11 +60,16 @@ def plot_alignment(plan, num_experts: int, title: str | None = None, max_blocks:
             if bm <= 32:
                 ax.text(j + 0.47, blocks - 1 - b + 0.45, "pad" if pad else f"{s // K}.{s % K}", ha="center",
                         va="center", fontsize=6 if bm > 16 else 7, color="#777777" if pad else "black")
-        ax.text(-0.3, blocks - 1 - b + 0.45, f"block {b} → e{e}", ha="right", va="center", fontsize=8,
-                color=_expert_color(e, num_experts))
+    # block labels as y tick labels, so the layout makes room for them
+    ax.set_yticks([blocks - 1 - b + 0.45 for b in range(blocks)],
+                  [f"block {b} → e{experts[b]}" for b in range(blocks)], fontsize=8)
+    for b, lab in enumerate(ax.get_yticklabels()):
+        lab.set_color(_expert_color(experts[b], num_experts))
+    ax.tick_params(left=False, bottom=False, labelbottom=False)
+    for sp in ax.spines.values():
+        sp.set_visible(False)
     ax.set_xlim(-0.1, bm)
     ax.set_ylim(-0.1, max(blocks, 1))
-    ax.set_axis_off()
     shown = f"first {blocks} of {len(experts)} blocks" if blocks < len(experts) else f"{len(experts)} blocks"
     ax.set_title(f"sorted_slot_ids in M-blocks of {bm} rows ({shown})\ncell = token.choice; grey = sentinel (padding)",
                  fontsize=9)
@@ -92,7 +97,6 @@ def plot_alignment(plan, num_experts: int, title: str | None = None, max_blocks:
     bx.legend(fontsize=7, loc="lower right")
     fig.suptitle(title or f"Block-aligned grouping: T={plan.num_tokens}, K={K}, E={num_experts}, BLOCK_M={bm}",
                  fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -112,7 +116,8 @@ def plot_gather_tile(plan, block: int = 0, num_experts: int | None = None) -> Fi
     E = num_experts or (max(experts) + 1)
     col = _expert_color(e, E)
     rows = slots[block * bm:(block + 1) * bm]
-    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.28 * max(T, bm)))
+    fig = Figure(figsize=(10, 0.9 + 0.28 * max(T, bm)), layout="constrained")
+    ax = fig.subplots()
     h = 1.0
     # x [T, D]
     for t in range(T):
@@ -147,7 +152,6 @@ def plot_gather_tile(plan, block: int = 0, num_experts: int | None = None) -> Fi
     ax.set_axis_off()
     ax.set_title("gather-GEMM tile: the A tile is loaded straight from x's rows; no permuted copy of x exists",
                  fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -159,7 +163,8 @@ def plot_padding_waste(counts_by_tokens: dict[int, torch.Tensor], block_ms=(16, 
     that is why the tile config picks BLOCK_M by token count.
     """
     Ts = sorted(counts_by_tokens)
-    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    fig = Figure(figsize=(6.2, 3.6), layout="constrained")
+    ax = fig.subplots()
     for bm in block_ms:
         waste = []
         for T in Ts:
@@ -174,5 +179,4 @@ def plot_padding_waste(counts_by_tokens: dict[int, torch.Tensor], block_ms=(16, 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "Padding from rounding each expert's rows up to BLOCK_M", fontsize=10)
-    fig.tight_layout()
     return fig

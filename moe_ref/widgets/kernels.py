@@ -27,7 +27,6 @@ def alignment_figure(T: int = 12, E: int = 6, K: int = 2, block_m: int = 4, skew
 def alignment_panel(align_fn=None, max_tokens: int = 64, max_experts: int = 16):
     """Sliders for T, E, K, BLOCK_M, skew and seed over alignment_figure."""
     import ipywidgets as W
-    import matplotlib.pyplot as plt
     from IPython.display import display
 
     sliders = dict(
@@ -40,9 +39,7 @@ def alignment_panel(align_fn=None, max_tokens: int = 64, max_experts: int = 16):
     )
 
     def show(T, E, K, block_m, skew, seed):
-        fig = alignment_figure(T, E, min(K, E), block_m, skew, seed, align_fn)
-        display(fig)
-        plt.close(fig)
+        display(alignment_figure(T, E, min(K, E), block_m, skew, seed, align_fn))
 
     out = W.interactive_output(show, sliders)
     panel = W.VBox([W.HBox(list(sliders.values())[:3]), W.HBox(list(sliders.values())[3:]), out])
