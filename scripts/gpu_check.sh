@@ -12,7 +12,7 @@
 #                                                                      -> gpu.json, gpu_*.png
 #   6. redraw the charts from gpu.json if step 5 was cut short
 # Everything, including this log (gpu_check.log), goes to ${OUT:-build/gpu-check}: 7 files.
-# Knobs: OUT, PYTHON (default python3), GPU_CHECK_BUDGET_S (default 470), GPU_CHECK_FULL=1 (full
+# Knobs: OUT, PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450), GPU_CHECK_FULL=1 (full
 # sweep instead of --quick), BENCH_ARGS (extra arguments for moe_ref.bench).
 # GPU_CHECK_DRY_RUN=1 walks the same steps on a machine without a GPU (no install; the GPU tests
 # skip; a tiny sweep on the CPU under the Triton interpreter): it checks this script, not the GPU.
@@ -20,7 +20,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-check}
 PY=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -128,7 +128,7 @@ step bench "$BENCH_LIMIT" "$PY" -m moe_ref.bench --gpu $MODE --out "$OUT" --time
 
 # 6. charts from whatever JSON exists (the bench draws them itself when it finishes)
 if [ -f "$OUT/gpu.json" ] && [ ! -f "$OUT/gpu_roofline.png" ]; then
-    step charts 60 "$PY" -m moe_ref.bench --plot "$OUT/gpu.json"
+    step charts 30 "$PY" -m moe_ref.bench --plot "$OUT/gpu.json"
 fi
 rm -f "$OUT"/*.tmp
 summary
