@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("device sweep (--gpu)")
     g.add_argument("--gpu", action="store_true", help="run the device sweep (needs CUDA unless --device cpu)")
-    g.add_argument("--quick", action="store_true", help="fewer token counts and reps (about 4 minutes on an H200)")
+    g.add_argument("--quick", action="store_true",
+                   help="5 token counts, fewer reps (sized for ~4 min on one H200: an estimate, not yet run there)")
     g.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES), help="default: the four model shapes")
     g.add_argument("--providers", nargs="+", default=None, help="default: loop grouped grouped_mm hf triton")
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
