@@ -40,9 +40,10 @@ tour: setup
 	@mkdir -p build/tour
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "no notebooks in notebooks/ yet: nothing to execute"; fi
 	@for nb in $(NOTEBOOKS); do \
-	  echo "executing $$nb"; \
-	  TRITON_INTERPRET=1 $(BIN)/jupyter nbconvert --to html --execute \
+	  echo "executing $$nb"; start=$$(date +%s); \
+	  MOE_REF_SMOKE=0 TRITON_INTERPRET=1 $(BIN)/jupyter nbconvert --to html --execute \
 	    --ExecutePreprocessor.timeout=600 --output-dir build/tour "$$nb" || exit 1; \
+	  echo "  $$nb: $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "HTML written under build/tour/"
 
