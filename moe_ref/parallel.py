@@ -39,7 +39,7 @@ from .router import Routing, check_x2d
 
 __all__ = ["EPOutput", "EPSimResult", "EPRankStats", "ep_forward", "simulate_ep", "split_tokens",
            "shard_experts", "shard_bounds", "run_with_torch_distributed", "split_routing", "unique_destinations",
-           "run_local_group", "free_port", "PRESETS", "main"]
+           "run_local_group", "free_port", "launch_torchrun", "PRESETS", "main"]
 
 SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
 
@@ -321,6 +321,33 @@ def run_local_group(fn, world_size: int, args=(), *, timeout: float = 60.0, coll
             pr.kill()
         pr.join(5)
     return dict(sorted(results.items()))
+
+
+def launch_torchrun(nproc: int, cli_args=(), timeout: float = 180.0) -> tuple[int, str]:
+    """Run `torchrun --nproc-per-node nproc -m moe_ref.parallel *cli_args` on loopback; return (exit code, output).
+
+    The launcher and its workers run in their own process group, with output in a temporary file (not a
+    pipe), so on timeout the whole group is killed and a TimeoutError carries the output so far.
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "moe_ref.parallel", *map(str, cli_args)]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.seek(0)
+            tail = log.read()[-4000:]
+            raise TimeoutError(f"torchrun did not finish in {timeout:.0f} s (killed); output:\n{tail}") from None
+        log.seek(0)
+        return code, log.read()
 
 
 # ----------------------------------------------------------------------------- CLI (torchrun)
