@@ -252,3 +252,53 @@ def test_bad_inputs():
         ep_forward(x, r, layer.w13[:4], layer.w2[:4], num_experts=E)
     with pytest.raises(ValueError, match="rank must be"):
         shard_experts(layer.w13, layer.w2, 2, 2)
+
+
+# ----------------------------------------------------------------------------- notebook 06 charts and panel
+def test_plots_and_sweeps():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from moe_ref import plots, widgets
+
+    before = set(plt.get_fignums())
+    small = widgets.ep_layer(8, 2, d_model=16, d_ff=16)
+    rows = widgets.ep_imbalance_sweep(small, [8, 64], [0.0, 2.0], world_size=4, trials=2)
+    assert [(r["tokens"], r["skew"]) for r in rows] == [(8, 0.0), (64, 0.0), (8, 2.0), (64, 2.0)]
+    assert all(1.0 <= r["imbalance"] <= r["imbalance_max"] <= 4.0 for r in rows)
+    fig = plots.plot_ep_imbalance_sweep(rows)
+    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2 + 1  # two skews and the y=1 line
+    vol = widgets.comm_volume_sweep(small, tokens=40, world_sizes=(2, 4), skews=(0.0,))
+    for v in vol:  # naive moves 2*T*(P-1) rows of D float32 values; dedup never exceeds grouped
+        assert v["naive"] == 2 * 40 * (v["world_size"] - 1) * 16 * 4 and v["dedup"] <= v["grouped"]
+    fig = plots.plot_comm_volume(vol)
+    assert len(fig.axes[0].patches) == 3 * len(vol)
+    sim = simulate_ep(torch.randn(20, 16), random_routing(20, 8, 2), small.w13, small.w2, 4)
+    fig = plots.plot_traffic_matrix(sim.traffic_rows)
+    assert fig.axes[0].images[0].get_array().shape == (4, 4)
+    fig = plots.plot_rank_load(sim.rank_load, limit=12)
+    assert [round(p.get_height()) for p in fig.axes[0].patches] == sim.rank_load.tolist()
+    assert isinstance(widgets.ep_figure(world_size=2, tokens=32, capacity_factor=1.0), Figure)
+    assert set(plt.get_fignums()) == before, "plot functions must not register pyplot figures"
+
+
+def test_ep_panel_rerenders_and_shows_errors():
+    from moe_ref.widgets import ep_panel
+
+    panel = ep_panel(tokens=64)
+    assert panel.renders == 1 and panel.error is None
+    first = panel.figure
+    panel.controls["world_size"].value = 2
+    assert panel.renders == 2 and panel.figure is not first
+    panel.controls["skew"].value = 3.0
+    panel.controls["capacity_factor"].value = 0.5
+    panel.controls["overflow"].value = "error"
+    assert panel.error is not None and "capacity" in panel.error
+
+
+def test_unique_destinations_counts_each_rank_once():
+    r = moe_ref.Routing(topk_ids=torch.tensor([[0, 1], [0, 4], [5, 6]]), topk_weights=torch.full((3, 2), 0.5))
+    from moe_ref.parallel import unique_destinations
+
+    u = unique_destinations(r, 8, 2, token_splits=[2, 1])
+    assert u.tolist() == [[2, 1], [0, 1]]  # token 0: experts 0, 1 both on rank 0 -> one row
