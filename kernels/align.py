@@ -1,0 +1,244 @@
+"""Block-aligned grouping on the device: which slots each M-block of the grouped GEMMs works on.
+
+Legend: T tokens, K top-k, E experts, S = T*K slots (slot s = t*K + k), BLOCK_M rows per tile.
+Counting sort, as in vLLM's moe_align_block_size, built from four small kernels:
+  1. count:   per chunk of slots, a one-hot [chunk, E] -> per-expert counts of the chunk and each
+              slot's rank among the earlier slots of its chunk with the same expert;
+  2. scan:    per expert, an exclusive prefix sum over the chunks -> where each chunk starts
+              inside that expert's group, and the expert's total count;
+  3. offsets: counts rounded up to BLOCK_M, prefix sum over experts -> each expert's first row,
+              the padded total, and the expert id of every M-block (-1 past the end);
+  4. scatter: each slot goes to row  expert start + chunk start + rank.
+Rows not filled hold the sentinel S (padding lives only in this index array). Within an expert,
+slots keep token order, so the rows match moe_ref.group_by_expert. Dropped slots (id -1) are
+skipped. Every buffer has a size known from shapes alone, so nothing waits for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_ref.grouping import group_by_expert
+
+
+@dataclass
+class AlignedPlan:
+    """The grouped-row layout the fused GEMMs read.
+
+    sorted_slot_ids: [max_padded] int32 slot of each grouped row; S (= T*K) marks a padding row.
+    expert_ids:      [max_padded // BLOCK_M] int32 expert of each M-block; -1 for unused blocks.
+    num_padded:      [1] int32 (device) rows actually used: sum over experts of counts rounded up.
+    """
+
+    sorted_slot_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+    num_tokens: int
+    top_k: int
+
+    @property
+    def sentinel(self) -> int:
+        return self.num_tokens * self.top_k
+
+    @property
+    def max_padded(self) -> int:
+        return self.sorted_slot_ids.shape[0]
+
+
+def max_padded_rows(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Static upper bound of the padded length: every non-empty expert wastes < BLOCK_M rows."""
+    return num_slots + min(num_slots, num_experts) * (block_m - 1) if num_slots else 0
+
+
+def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be a [T, K] tensor, got {getattr(topk_ids, 'shape', topk_ids)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a positive power of two, got {block_m!r}")
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _count_kernel(
+    topk_ids_ptr,  # [S] expert id of each slot (int32 or int64); -1 = dropped
+    rank_ptr,  # [S] int32 out: rank of the slot among earlier slots of its chunk with the same expert
+    chunk_counts_ptr,  # [E, num_chunks] int32 out: slots of each expert in each chunk
+    num_slots,  # S = T*K
+    num_chunks,  # cdiv(S, BLOCK_S)
+    num_experts,  # E
+    BLOCK_S: tl.constexpr,  # slots per chunk (one program per chunk)
+    BLOCK_E: tl.constexpr,  # next power of two >= E
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S] slot ids
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)  # [BLOCK_S]
+    experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_S, BLOCK_E]; -1 matches nothing
+    before = tl.cumsum(onehot, axis=0) - onehot  # [BLOCK_S, BLOCK_E] earlier slots per expert
+    rank = tl.sum(before * onehot, axis=1)  # [BLOCK_S]
+    tl.store(rank_ptr + offs, rank, mask=offs < num_slots)
+    counts = tl.sum(onehot, axis=0)  # [BLOCK_E]
+    tl.store(chunk_counts_ptr + experts * num_chunks + pid, counts, mask=experts < num_experts)
+
+
+@triton.jit
+def _scan_kernel(
+    chunk_counts_ptr,  # [E, num_chunks] int32: slots of each expert in each chunk
+    chunk_offsets_ptr,  # [E, num_chunks] int32 out: exclusive prefix sum over chunks, per expert
+    counts_ptr,  # [E] int32 out: slots of each expert (dropped ones excluded)
+    num_chunks,  # chunks of slots
+    BLOCK_C: tl.constexpr,  # chunks scanned per step
+):
+    e = tl.program_id(0)  # one program per expert
+    carry = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)  # running total (scalar)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+        n = tl.load(chunk_counts_ptr + e * num_chunks + c, mask=c < num_chunks, other=0)  # [BLOCK_C]
+        incl = tl.cumsum(n, axis=0)  # [BLOCK_C]
+        tl.store(chunk_offsets_ptr + e * num_chunks + c, carry + incl - n, mask=c < num_chunks)
+        carry += tl.sum(n, axis=0)
+    tl.store(counts_ptr + e, carry)
+
+
+@triton.jit
+def _offsets_kernel(
+    counts_ptr,  # [E] int32: slots of each expert
+    expert_start_ptr,  # [E] int32 out: first grouped row of each expert (written by program 0)
+    expert_ids_ptr,  # [num_blocks] int32 out: expert of each M-block, -1 past the padded end
+    num_padded_ptr,  # [1] int32 out: padded total (written by program 0)
+    num_experts,  # E
+    num_blocks,  # max_padded // BLOCK_M
+    BLOCK_M: tl.constexpr,  # alignment (GEMM tile rows)
+    BLOCK_E: tl.constexpr,  # next power of two >= E
+    BLOCK_B: tl.constexpr,  # M-blocks labelled per program
+):
+    pid = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
+    emask = experts < num_experts
+    counts = tl.load(counts_ptr + experts, mask=emask, other=0)  # [BLOCK_E]
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [BLOCK_E] rounded up to BLOCK_M
+    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] inclusive: one past each expert's last row
+    total = tl.sum(padded, axis=0)  # scalar
+    if pid == 0:
+        tl.store(expert_start_ptr + experts, ends - padded, mask=emask)
+        tl.store(num_padded_ptr, total)
+    blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    row = blocks * BLOCK_M  # [BLOCK_B] first row of each block
+    # the expert of a block = how many experts end at or before its first row
+    done = (ends[None, :] <= row[:, None]) & emask[None, :]  # [BLOCK_B, BLOCK_E]
+    expert = tl.sum(done.to(tl.int32), axis=1)  # [BLOCK_B]
+    expert = tl.where(row < total, expert, -1)
+    tl.store(expert_ids_ptr + blocks, expert, mask=blocks < num_blocks)
+
+
+@triton.jit
+def _scatter_kernel(
+    topk_ids_ptr,  # [S] expert id of each slot; -1 = dropped
+    rank_ptr,  # [S] int32: rank within chunk and expert (from _count_kernel)
+    chunk_offsets_ptr,  # [E, num_chunks] int32: where each chunk starts inside each expert's group
+    expert_start_ptr,  # [E] int32: first grouped row of each expert
+    sorted_slot_ids_ptr,  # [max_padded] int32 out: slot of each grouped row (pre-filled with the sentinel)
+    num_slots,  # S
+    num_chunks,  # cdiv(S, BLOCK_S)
+    BLOCK_S: tl.constexpr,  # slots per chunk, as in _count_kernel
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)  # [BLOCK_S]
+    keep = ids >= 0
+    e = tl.where(keep, ids, 0)  # [BLOCK_S] safe index for dropped slots
+    rank = tl.load(rank_ptr + offs, mask=keep, other=0)
+    start = tl.load(expert_start_ptr + e, mask=keep, other=0)
+    chunk_start = tl.load(chunk_offsets_ptr + e * num_chunks + pid, mask=keep, other=0)
+    tl.store(sorted_slot_ids_ptr + start + chunk_start + rank, offs, mask=keep)
+
+
+# --------------------------------------------------------------------------------------- launchers
+
+def _chunk_size(block_e: int) -> int:
+    """Slots per chunk: keep the one-hot tile near 8K elements, between 16 and 1024 slots."""
+    return max(16, min(1024, 8192 // block_e))
+
+
+def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPlan:
+    """Block-aligned plan for topk_ids [T, K] on its device (ids -1 are dropped); no host sync."""
+    _check(topk_ids, num_experts, block_m)
+    T, K = topk_ids.shape
+    S, E, dev = T * K, num_experts, topk_ids.device
+    max_padded = max_padded_rows(S, E, block_m)
+    num_blocks = max_padded // block_m
+    sorted_ids = torch.full((max_padded,), S, dtype=torch.int32, device=dev)  # [max_padded] sentinel
+    expert_ids = torch.full((num_blocks,), -1, dtype=torch.int32, device=dev)  # [num_blocks]
+    num_padded = torch.zeros(1, dtype=torch.int32, device=dev)  # [1]
+    plan = AlignedPlan(sorted_ids, expert_ids, num_padded, block_m, T, K)
+    if S == 0:
+        return plan
+    flat = topk_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    block_e = triton.next_power_of_2(E)
+    block_s = _chunk_size(block_e)
+    num_chunks = triton.cdiv(S, block_s)
+    rank = torch.empty(S, dtype=torch.int32, device=dev)  # [S]
+    chunk_counts = torch.empty(E, num_chunks, dtype=torch.int32, device=dev)  # [E, chunks]
+    chunk_offsets = torch.empty_like(chunk_counts)  # [E, chunks]
+    counts = torch.empty(E, dtype=torch.int32, device=dev)  # [E]
+    expert_start = torch.empty(E, dtype=torch.int32, device=dev)  # [E]
+    _count_kernel[(num_chunks,)](flat, rank, chunk_counts, S, num_chunks, E,
+                                 BLOCK_S=block_s, BLOCK_E=block_e, num_warps=8 if block_s * block_e > 2048 else 4)
+    _scan_kernel[(E,)](chunk_counts, chunk_offsets, counts, num_chunks,
+                       BLOCK_C=min(1024, triton.next_power_of_2(num_chunks)))
+    block_b = 64
+    _offsets_kernel[(triton.cdiv(num_blocks, block_b),)](counts, expert_start, expert_ids, num_padded, E,
+                                                         num_blocks, BLOCK_M=block_m, BLOCK_E=block_e,
+                                                         BLOCK_B=block_b)
+    _scatter_kernel[(num_chunks,)](flat, rank, chunk_offsets, expert_start, sorted_ids, S, num_chunks,
+                                   BLOCK_S=block_s)
+    return plan
+
+
+def align_single_token(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPlan:
+    """The T=1 path: every slot is its own M-block (its K experts are distinct), no sort needed."""
+    _check(topk_ids, num_experts, block_m)
+    T, K = topk_ids.shape
+    if T != 1:
+        raise ValueError(f"align_single_token needs T=1, got topk_ids {tuple(topk_ids.shape)}")
+    dev = topk_ids.device
+    sorted_ids = torch.full((K, block_m), K, dtype=torch.int32, device=dev)  # [K, BLOCK_M] sentinel K
+    sorted_ids[:, 0] = torch.arange(K, dtype=torch.int32, device=dev)  # slot k leads block k
+    expert_ids = topk_ids.reshape(K).to(torch.int32)  # [K]; -1 (dropped) blocks are skipped by the GEMMs
+    num_padded = torch.full((1,), K * block_m, dtype=torch.int32, device=dev)
+    return AlignedPlan(sorted_ids.reshape(-1), expert_ids, num_padded, block_m, 1, K)
+
+
+# -------------------------------------------------------------------------------- torch reference
+
+def align_block_size_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPlan:
+    """Torch reference of align_block_size (same buffers, same sizes), built from group_by_expert."""
+    _check(topk_ids, num_experts, block_m)
+    T, K = topk_ids.shape
+    S, E, dev = T * K, num_experts, topk_ids.device
+    max_padded = max_padded_rows(S, E, block_m)
+    sorted_ids = torch.full((max_padded,), S, dtype=torch.int32, device=dev)
+    expert_ids = torch.full((max_padded // block_m,), -1, dtype=torch.int32, device=dev)
+    plan = group_by_expert(topk_ids.long(), E)
+    padded = (plan.counts + block_m - 1) // block_m * block_m  # [E]
+    start = torch.cumsum(padded, 0) - padded  # [E] first row of each expert
+    expert_of_row = plan.expert_of_row()  # [N]
+    within = torch.arange(plan.num_rows, device=dev) - plan.offsets[expert_of_row]  # [N] rank in expert
+    sorted_ids[start[expert_of_row] + within] = plan.sorted_slots.to(torch.int32)
+    blocks = padded // block_m  # [E] M-blocks per expert
+    n_used = int(blocks.sum())
+    expert_ids[:n_used] = torch.repeat_interleave(torch.arange(E, device=dev), blocks).to(torch.int32)
+    num_padded = padded.sum().reshape(1).to(torch.int32)
+    return AlignedPlan(sorted_ids, expert_ids, num_padded, block_m, T, K)

@@ -1,0 +1,92 @@
+"""Tile configurations for the fused MoE GEMMs, chosen by token count.
+
+Legend: T tokens, D d_model, F d_ff, E experts, K top-k, M = T*K/E average rows per expert.
+A config is a dict:
+  BLOCK_M      rows per tile; also the alignment block of align_block_size (one expert per M-block)
+  BLOCK_N      output columns per tile
+  BLOCK_K      reduction step
+  GROUP_M      M-blocks walked together before moving along N (L2 reuse of weight tiles)
+  num_warps, num_stages   Triton launch options
+  "down":      optional dict overriding BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages for the second GEMM
+Decode-sized batches (few rows per expert) are bound by reading the expert weights: they get
+BLOCK_M=16 so little work is spent on padding rows, and deep pipelines to stream weights.
+Prefill-sized batches are bound by the tensor cores: they get 64/128-row tiles.
+Tuned tables per GPU can be registered with register_tuned_configs(); the nearest token
+count in the table wins (as vLLM does with its JSON configs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+# {device_name: {(E, D, F, dtype_name): {T: config}}}; filled by register_tuned_configs()
+TUNED_CONFIGS: dict[str, dict[tuple, dict[int, dict]]] = {}
+
+# under the interpreter every program instance runs in numpy: few, large-ish tiles are fastest
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def register_tuned_configs(device_name: str, E: int, D: int, F: int, dtype_name: str,
+                           table: dict[int, dict]) -> None:
+    """Add a tuned table {T: config} for one GPU (torch.cuda.get_device_name()) and MoE shape."""
+    if not table:
+        raise ValueError("table must map token counts to configs, got an empty table")
+    for t, cfg in table.items():
+        check_config(cfg, f"table[{t}]")
+    TUNED_CONFIGS.setdefault(device_name, {})[(E, D, F, dtype_name)] = {int(t): dict(c) for t, c in table.items()}
+
+
+def check_config(cfg: dict, name: str = "config") -> None:
+    """Raise ValueError unless cfg has the keys above with tl.dot-compatible tile sizes."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"{name} must be a dict, got {type(cfg).__name__}")
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}; a config needs {CONFIG_KEYS}")
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"{name}[{k!r}] must be a power of two >= 16 (tl.dot tiles), got {v!r}")
+    down = cfg.get("down", {})
+    for k, v in down.items():
+        if k not in CONFIG_KEYS or k == "BLOCK_M":
+            raise ValueError(f"{name}['down'] may override {CONFIG_KEYS[1:]}, got {k!r}")
+        if k in ("BLOCK_N", "BLOCK_K") and (not isinstance(v, int) or v < 16 or v & (v - 1)):
+            raise ValueError(f"{name}['down'][{k!r}] must be a power of two >= 16, got {v!r}")
+
+
+def default_config(T: int, E: int, K: int, D: int, F: int) -> dict:
+    """Heuristic tiles by average rows per expert (T*K/E). Untuned starting points for Hopper."""
+    rows_per_expert = T * K / max(E, 1)
+    if rows_per_expert <= 16:  # decode: weight-bandwidth bound
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 128:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 512:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    else:  # prefill: tensor-core bound
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                   down=dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4))
+    return cfg
+
+
+def get_config(T: int, E: int, K: int, D: int, F: int, dtype_name: str = "bfloat16",
+               device_name: str | None = None, interpreter: bool = False) -> dict:
+    """The config for T tokens: a tuned table entry (nearest T) when one exists, else default_config."""
+    if interpreter:
+        return dict(INTERPRETER_CONFIG)
+    table = TUNED_CONFIGS.get(device_name or "", {}).get((E, D, F, dtype_name))
+    if table:
+        nearest = min(table, key=lambda t: (abs(t - T), t))
+        return copy.deepcopy(table[nearest])
+    return default_config(T, E, K, D, F)
+
+
+def split_config(cfg: dict) -> tuple[dict, dict]:
+    """(first GEMM options, second GEMM options): 'down' overrides apply to the second only."""
+    check_config(cfg)
+    first = {k: cfg[k] for k in CONFIG_KEYS}
+    second = dict(first, **cfg.get("down", {}))
+    return first, second

@@ -1,0 +1,367 @@
+"""Triton kernels under the CPU interpreter (TRITON_INTERPRET=1, set in conftest), on tiny shapes.
+
+Every program instance runs sequentially in numpy, so shapes stay tiny (T <= 40, D, F <= 64).
+bfloat16 is tested on GPU only (tests/test_kernels_gpu.py): tl.dot on bf16 is wrong in the interpreter.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moe_ref
+import moe_ref.kernels as mk
+from helpers import assert_close, hand_routing, make_case
+
+pytestmark = pytest.mark.skipif(not mk.interpreter_active() and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (set by conftest) or a GPU")
+
+DEV = "cuda" if torch.cuda.is_available() and not mk.interpreter_active() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+
+
+# ------------------------------------------------------------------------------------- canary
+
+@triton.jit
+def _add_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(a_ptr + offs, mask=mask) + tl.load(b_ptr + offs, mask=mask), mask=mask)
+
+
+def test_interpreter_canary_vector_add():
+    """A broken Triton/interpreter install fails here first, with the simplest possible kernel."""
+    a, b = torch.randn(100, device=DEV), torch.randn(100, device=DEV)
+    out = torch.full_like(a, float("nan"))
+    _add_kernel[(triton.cdiv(100, 32),)](a, b, out, 100, BLOCK=32)
+    torch.testing.assert_close(out, a + b)
+
+
+def test_interpreter_is_active_under_conftest():
+    assert os.environ.get("TRITON_INTERPRET") != "1" or mk.interpreter_active()
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def random_ids(T, K, E, seed=0, drop=0.0):
+    """[T, K] distinct experts per token; a fraction `drop` replaced by -1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.empty(0, K)
+    ids = ids.long()
+    if drop:
+        ids[torch.rand(ids.shape, generator=g) < drop] = -1
+    return ids
+
+
+def check_plan_against_grouping(plan, ids, E):
+    """The plan holds, expert by expert, exactly group_by_expert's slots in the same order."""
+    bm, S = plan.block_m, plan.sentinel
+    n = int(plan.num_padded)
+    assert n % bm == 0
+    sorted_ids = plan.sorted_slot_ids.cpu().long()
+    experts = plan.expert_ids.cpu().long()
+    assert (experts[: n // bm] >= 0).all() and (experts[n // bm:] == -1).all()
+    assert (sorted_ids[n:] == S).all(), "rows past the padded end must be the sentinel"
+    ref = moe_ref.group_by_expert(ids.cpu(), E)
+    row_expert = experts[: n // bm].repeat_interleave(bm)  # [n]
+    for e in range(E):
+        rows = sorted_ids[:n][row_expert == e]
+        got = rows[rows < S]
+        want = ref.sorted_slots[ref.offsets[e]:ref.offsets[e + 1]]
+        assert torch.equal(got, want), f"expert {e}: {got.tolist()} != {want.tolist()}"
+        assert len(rows) == -(-len(want) // bm) * bm, f"expert {e}: rows not rounded up to {bm}"
+    assert int((sorted_ids < S).sum()) == int((ids >= 0).sum())
+
+
+# ---------------------------------------------------------------------------------- alignment
+
+ALIGN_CASES = [  # T, K, E, block_m, drop
+    (5, 2, 4, 16, 0.0), (40, 2, 8, 16, 0.3), (1, 3, 3, 16, 0.0), (33, 4, 6, 32, 0.0),
+    (0, 2, 4, 16, 0.0), (40, 1, 1, 16, 0.0), (9, 4, 4, 16, 0.5), (300, 8, 128, 16, 0.1),  # many chunks
+    (2000, 2, 8, 64, 0.0),  # several chunks of 1024 slots
+]
+
+
+@pytest.mark.parametrize("T,K,E,bm,drop", ALIGN_CASES)
+def test_align_matches_torch_and_grouping(T, K, E, bm, drop):
+    ids = random_ids(T, K, E, seed=T + E, drop=drop).to(DEV)
+    plan = mk.align_block_size(ids, E, bm)
+    ref = mk.align_block_size_torch(ids, E, bm)
+    for f in ("sorted_slot_ids", "expert_ids", "num_padded"):
+        assert torch.equal(getattr(plan, f), getattr(ref, f)), f
+    assert plan.max_padded == T * K + min(T * K, E) * (bm - 1)
+    check_plan_against_grouping(plan, ids, E)
+
+
+def test_align_all_dropped_and_one_hot_expert():
+    ids = torch.full((6, 2), -1, dtype=torch.long, device=DEV)
+    plan = mk.align_block_size(ids, 4, 16)
+    assert int(plan.num_padded) == 0 and (plan.expert_ids == -1).all() and (plan.sorted_slot_ids == 12).all()
+    hot = torch.stack([torch.full((37,), 2), torch.arange(37) % 2]).t().to(DEV)  # expert 2 takes every token
+    plan = mk.align_block_size(hot, 4, 16)
+    check_plan_against_grouping(plan, hot, 4)
+    assert plan.expert_ids[:5].tolist() == [0, 0, 1, 1, 2] and int(plan.num_padded) == (2 + 2 + 3) * 16
+
+
+@given(T=st.integers(0, 40), E=st.integers(1, 9), data=st.data())
+@settings(max_examples=8)
+def test_align_random(T, E, data):
+    K = data.draw(st.integers(1, E))
+    bm = data.draw(st.sampled_from([16, 32]))
+    ids = random_ids(T, K, E, seed=data.draw(st.integers(0, 99)), drop=data.draw(st.sampled_from([0.0, 0.4])))
+    plan = mk.align_block_size(ids.to(DEV), E, bm)
+    ref = mk.align_block_size_torch(ids, E, bm)
+    assert torch.equal(plan.sorted_slot_ids.cpu(), ref.sorted_slot_ids)
+    assert torch.equal(plan.expert_ids.cpu(), ref.expert_ids)
+    check_plan_against_grouping(plan, ids, E)
+
+
+def test_align_single_token_layout():
+    ids = torch.tensor([[3, -1, 0]], device=DEV)
+    plan = mk.align_single_token(ids, 4, 16)
+    assert plan.expert_ids.tolist() == [3, -1, 0] and int(plan.num_padded) == 48
+    assert plan.sorted_slot_ids.view(3, 16)[:, 0].tolist() == [0, 1, 2]
+    assert (plan.sorted_slot_ids.view(3, 16)[:, 1:] == 3).all()
+
+
+@pytest.mark.parametrize("bad,err", [
+    (dict(topk_ids=torch.zeros(3)), ValueError), (dict(topk_ids=torch.zeros(3, 2)), TypeError),
+    (dict(num_experts=0), ValueError), (dict(block_m=24), ValueError), (dict(block_m=True), ValueError),
+])
+def test_align_bad_input(bad, err):
+    args = dict(topk_ids=torch.zeros(3, 2, dtype=torch.long), num_experts=4, block_m=16) | bad
+    name = next(iter(bad))
+    with pytest.raises(err, match=name if name != "topk_ids" else "topk_ids"):
+        mk.align_block_size(**args)
+
+
+# ------------------------------------------------------------------------------------- gating
+
+@pytest.mark.parametrize("T,E,K", [(1, 4, 2), (37, 8, 2), (20, 60, 8), (5, 3, 3), (9, 1, 1)])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_topk_gating_matches_route(T, E, K, renorm):
+    g = torch.Generator().manual_seed(T * E)
+    x, w = torch.randn(T, 16, generator=g), torch.randn(E, 16, generator=g)
+    r = moe_ref.route(x, w, K, renormalize=renorm)
+    ids, weights = mk.topk_gating(r.logits.to(DEV), K, renormalize=renorm)
+    assert torch.equal(ids.cpu(), r.topk_ids)
+    torch.testing.assert_close(weights.cpu(), r.topk_weights, rtol=1e-6, atol=1e-7)
+    if renorm:
+        torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(T))
+
+
+def test_topk_gating_ties_lower_index_and_sigmoid():
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    ids, w = mk.topk_gating(logits.to(DEV), 3, renormalize=False)
+    assert ids.tolist() == [[1, 2, 3], [0, 1, 2]]
+    ref_ids, ref_w = mk.topk_gating_torch(logits, 3, renormalize=False)
+    torch.testing.assert_close(w.cpu(), ref_w)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(11, 6, generator=g)
+    ids, w = mk.topk_gating(logits.to(DEV), 2, renormalize=False, scoring="sigmoid")
+    ref_ids, ref_w = mk.topk_gating_torch(logits, 2, renormalize=False, scoring="sigmoid")
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(w.cpu(), ref_w)
+
+
+def test_topk_gating_bad_input():
+    with pytest.raises(ValueError, match="top_k"):
+        mk.topk_gating(torch.randn(3, 4), 5)
+    with pytest.raises(ValueError, match="logits"):
+        mk.topk_gating(torch.randn(3), 1)
+    with pytest.raises(ValueError, match="scoring"):
+        mk.topk_gating(torch.randn(3, 4), 1, scoring="relu")
+
+
+# --------------------------------------------------------------------- each GEMM kernel alone
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_kernel_matches_its_torch_reference(dtype):
+    T, D, F, E, K = 21, 33, 22, 4, 2
+    layer, x = make_case(T, D, F, E, K, dtype=dtype, seed=5)
+    r = layer.route(x)
+    ids = r.topk_ids.clone()
+    ids[3, 1] = -1  # one dropped slot
+    cfg = mk.get_config(T, E, K, D, F, interpreter=True)
+    plan = mk.align_block_size(ids, E, cfg["BLOCK_M"])
+    act = mk.gate_up(x, layer.w13, plan, cfg)
+    act_ref = mk.gate_up_torch(x, layer.w13, plan)
+    used = int(plan.num_padded)
+    assert_close(act[:used].float(), act_ref[:used].float(), dtype=dtype, msg="gate_up")
+    slot_out = mk.down(act_ref, layer.w2, r.topk_weights, plan, cfg)
+    out_ref = mk.down_torch(act_ref, layer.w2, r.topk_weights, plan)
+    kept = (ids >= 0).reshape(-1)
+    assert_close(slot_out[kept].float(), out_ref[kept].float(), dtype=dtype, msg="down")
+    y = mk.combine(out_ref, ids, dtype)
+    torch.testing.assert_close(y.float(), mk.combine_torch(out_ref, ids, dtype).float(), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------ fused_moe vs reference
+
+FUSED_CASES = {  # name: T, D, F, E, K
+    "odd": (13, 33, 22, 4, 2),
+    "T=1": (1, 33, 22, 5, 2),
+    "E=1": (17, 16, 16, 1, 1),
+    "K=E": (9, 32, 16, 4, 4),
+    "several-blocks": (40, 64, 64, 3, 2),
+}
+
+
+def reference(layer, x, r):
+    return moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_moe_matches_reference(case, dtype):
+    T, D, F, E, K = FUSED_CASES[case]
+    layer, x = make_case(T, D, F, E, K, dtype=dtype, seed=len(case))
+    r = layer.route(x)
+    y = mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2)
+    assert y.dtype == dtype and y.shape == (T, D)
+    assert_close(y, reference(layer, x, r), dtype=dtype, msg=case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_empty_and_hot_experts(dtype):
+    T, D, F, E, K = 23, 33, 22, 6, 2
+    layer, x = make_case(T, D, F, E, K, dtype=dtype, seed=2)
+    ids = torch.stack([torch.full((T,), 4), torch.arange(T) % 2]).t()  # expert 4 hot; 2, 3, 5 empty
+    g = torch.Generator().manual_seed(0)
+    w = torch.softmax(torch.randn(T, K, generator=g), -1)
+    r = hand_routing(ids, w)
+    y = mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2)
+    assert_close(y, reference(layer, x, r), dtype=dtype)
+
+
+def test_fused_moe_dropped_ids_and_T0():
+    T, D, F, E, K = 11, 33, 22, 4, 2
+    layer, x = make_case(T, D, F, E, K, dtype=torch.float32, seed=9)
+    r = layer.route(x)
+    ids = r.topk_ids.clone()
+    ids[::3, 0] = -1
+    ids[5] = -1  # token 5 loses both choices: zero output
+    rd = moe_ref.Routing(ids, r.topk_weights)
+    y = mk.fused_moe(x, ids, r.topk_weights, layer.w13, layer.w2)
+    assert_close(y, reference(layer, x, rd), dtype=torch.float32)
+    assert (y[5] == 0).all()
+    y1 = mk.fused_moe(x[:1], ids[:1], r.topk_weights[:1], layer.w13, layer.w2)  # T=1 path with a drop
+    assert_close(y1, reference(layer, x[:1], moe_ref.Routing(ids[:1], r.topk_weights[:1])), dtype=torch.float32)
+    y0 = mk.fused_moe(x[:0], ids[:0], r.topk_weights[:0], layer.w13, layer.w2)
+    assert y0.shape == (0, D)
+
+
+@given(T=st.sampled_from([1, 2, 7, 19]), D=st.sampled_from([16, 33]), F=st.sampled_from([8, 22]),
+       E=st.integers(1, 5), data=st.data())
+@settings(max_examples=6)
+def test_fused_moe_random(T, D, F, E, data):
+    K = data.draw(st.integers(1, E))
+    layer, x = make_case(T, D, F, E, K, dtype=torch.float32, seed=data.draw(st.integers(0, 999)),
+                         renormalize=data.draw(st.booleans()))
+    r = layer.route(x)
+    y = mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2)
+    assert_close(y, reference(layer, x, r), dtype=torch.float32)
+
+
+def test_fused_moe_explicit_config_and_forward():
+    T, D, F, E, K = 20, 33, 22, 4, 2
+    layer, x = make_case(T, D, F, E, K, dtype=torch.float32, seed=4)
+    r = layer.route(x)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1,
+               down=dict(BLOCK_N=32, BLOCK_K=16))
+    y = mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2, config=cfg)
+    assert_close(y, reference(layer, x, r), dtype=torch.float32)
+    y2 = mk.triton_moe_forward(x, layer.router_weight, layer.w13, layer.w2, K)
+    assert_close(y2, reference(layer, x, r), dtype=torch.float32)
+
+
+def test_fused_moe_bad_input():
+    layer, x = make_case(4, 16, 8, 4, 2, dtype=torch.float32)
+    r = layer.route(x)
+    with pytest.raises(TypeError, match="float64"):
+        mk.fused_moe(x.double(), r.topk_ids, r.topk_weights, layer.w13.double(), layer.w2.double())
+    with pytest.raises(ValueError, match="topk_ids"):
+        mk.fused_moe(x, r.topk_ids[:2], r.topk_weights, layer.w13, layer.w2)
+    with pytest.raises(ValueError, match="w13"):
+        mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13[:, :3], layer.w2)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2,
+                     config=dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1))
+
+
+# ----------------------------------------------------------------------------------- configs
+
+def test_configs_by_token_count_and_tuned_table():
+    small = mk.get_config(1, 8, 2, 4096, 14336)
+    big = mk.get_config(16384, 8, 2, 4096, 14336)
+    assert small["BLOCK_M"] == 16 and big["BLOCK_M"] >= 64
+    table = {1: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
+             1024: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)}
+    mk.register_tuned_configs("Test GPU", 8, 4096, 14336, "bfloat16", table)
+    try:
+        assert mk.get_config(3, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_N"] == 32
+        assert mk.get_config(900, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_M"] == 128
+        assert mk.get_config(900, 8, 2, 4096, 14336, "float16", "Test GPU") == mk.default_config(900, 8, 2, 4096,
+                                                                                                14336)
+    finally:
+        from moe_ref.kernels.configs import TUNED_CONFIGS
+        TUNED_CONFIGS.pop("Test GPU")
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        mk.register_tuned_configs("x", 8, 1, 1, "bfloat16", {1: dict(table[1], BLOCK_K=48)})
+
+
+# --------------------------------------------------------------------------- strategy "triton"
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_strategy_triton(dtype):
+    layer, x = make_case(19, 33, 22, 4, 2, dtype=dtype, seed=7)
+    out = layer(x.view(1, 19, 33), strategy="triton")
+    r = layer.route(x)
+    assert out.output.shape == (1, 19, 33)
+    assert_close(out.output.view(19, 33), reference(layer, x, r), dtype=dtype)
+    kept = 19 * 2
+    assert out.stats.computed_rows >= kept and out.stats.computed_rows % 16 == 0
+    assert out.stats.padded_slots == out.stats.computed_rows - kept
+
+
+@pytest.mark.parametrize("overflow", ["drop", "spill"])
+def test_layer_strategy_triton_with_capacity(overflow):
+    layer, x = make_case(24, 16, 16, 4, 2, dtype=torch.float32, seed=1)
+    cap = moe_ref.CapacityConfig(capacity_factor=0.5, overflow=overflow)
+    out = layer(x, strategy="triton", capacity=cap)
+    layer64, _ = make_case(24, 16, 16, 4, 2, dtype=torch.float64, seed=1)
+    want = layer64(x.double(), strategy="grouped", capacity=cap,
+                   routing=layer.route(x))
+    assert_close(out.output, want.output, dtype=torch.float32)
+    if overflow == "drop":
+        assert out.stats.dropped > 0
+    else:
+        assert out.stats.passes > 1
+        assert_close(out.output, reference(layer, x, layer.route(x)), dtype=torch.float32)
+
+
+def test_strategy_triton_clear_error_without_interpreter_or_gpu():
+    """Without TRITON_INTERPRET and without CUDA, strategy 'triton' says how to enable it."""
+    code = textwrap.dedent("""
+        import torch, moe_ref
+        layer = moe_ref.MoELayer(moe_ref.MoEConfig(d_model=8, d_ff=4, num_experts=2, top_k=1))
+        try:
+            layer(torch.randn(3, 8), strategy="triton")
+        except RuntimeError as e:
+            print("ERR", e)
+        else:
+            print("NO ERROR")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(__file__))
+    assert res.returncode == 0, res.stderr
+    assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
