@@ -61,9 +61,9 @@ def default_config(T: int, E: int, K: int, D: int, F: int) -> dict:
     """Heuristic tiles by average rows per expert (T*K/E). Untuned starting points for Hopper."""
     rows_per_expert = T * K / max(E, 1)
     if rows_per_expert <= 16:  # decode: weight-bandwidth bound
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
     elif rows_per_expert <= 128:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3)
     elif rows_per_expert <= 512:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     else:  # prefill: tensor-core bound
@@ -81,7 +81,31 @@ def get_config(T: int, E: int, K: int, D: int, F: int, dtype_name: str = "bfloat
     if table:
         nearest = min(table, key=lambda t: (abs(t - T), t))
         return copy.deepcopy(table[nearest])
-    return default_config(T, E, K, D, F)
+    return fit_to_dtype(default_config(T, E, K, D, F), 4 if dtype_name == "float32" else 2)
+
+
+# shared memory a config may plan for (H100/H200 allow 227 KiB per block; leave room for the compiler)
+SMEM_BUDGET = 144 * 1024
+
+
+def smem_bytes(cfg: dict, element_size: int, weight_tiles: int = 2) -> int:
+    """Shared memory of the software pipeline: stages x (A tile + weight tiles); the first GEMM has 2."""
+    return cfg["num_stages"] * (cfg["BLOCK_M"] * cfg["BLOCK_K"] + weight_tiles * cfg["BLOCK_K"] * cfg["BLOCK_N"]) \
+        * element_size
+
+
+def fit_to_dtype(cfg: dict, element_size: int, budget: int = SMEM_BUDGET) -> dict:
+    """Shrink num_stages, then BLOCK_K (not below 32), until both GEMMs fit the shared-memory budget.
+
+    The defaults are sized for 2-byte dtypes; fp32 tiles are twice as large."""
+    first, second = split_config(cfg)
+    for part, tiles in ((first, 2), (second, 1)):
+        while smem_bytes(part, element_size, tiles) > budget and (part["num_stages"] > 2 or part["BLOCK_K"] > 32):
+            if part["num_stages"] > 2:
+                part["num_stages"] -= 1
+            else:
+                part["BLOCK_K"] //= 2
+    return dict(first, down={k: v for k, v in second.items() if k != "BLOCK_M"})
 
 
 def split_config(cfg: dict) -> tuple[dict, dict]:

@@ -18,10 +18,12 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from moe_ref.reference import check_weights, swiglu
 
@@ -206,6 +208,25 @@ def _launch_opts(cfg: dict) -> dict:
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _launch(kernel, grid, args: tuple, cfg: dict, flags: dict) -> None:
+    """Launch; if the GPU lacks shared memory for the config (compile-time OutOfResources, so only on a
+    first call), retry with fewer pipeline stages, then a smaller BLOCK_K, and warn once."""
+    opts = _launch_opts(cfg)
+    while True:
+        try:
+            kernel[grid](*args, **opts, **flags)
+            return
+        except OutOfResources as exc:
+            if opts["num_stages"] > 1:
+                opts["num_stages"] -= 1
+            elif opts["BLOCK_K"] > 16:
+                opts["BLOCK_K"] //= 2
+            else:
+                raise
+            warnings.warn(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: {exc}; retrying with "
+                          f"num_stages={opts['num_stages']}, BLOCK_K={opts['BLOCK_K']}", stacklevel=3)
+
+
 def gate_up(x: torch.Tensor, w13: torch.Tensor, plan: AlignedPlan, cfg: dict) -> torch.Tensor:
     """act [P, F] = silu(x[tok] @ gate^T) * (x[tok] @ up^T) per grouped row (rows of skipped blocks unset)."""
     F = w13.shape[1] // 2
@@ -215,10 +236,10 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, plan: AlignedPlan, cfg: dict) ->
     if num_m == 0:
         return act
     grid = (num_m * triton.cdiv(F, cfg["BLOCK_N"]),)
-    _gate_up_kernel[grid](
-        x, w13, act, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, plan.sentinel, plan.top_k,
-        D, F, num_m, x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        act.stride(0), act.stride(1), **_launch_opts(cfg), **_kernel_flags(x.dtype))
+    args = (x, w13, act, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, plan.sentinel, plan.top_k,
+            D, F, num_m, x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+            act.stride(0), act.stride(1))
+    _launch(_gate_up_kernel, grid, args, cfg, _kernel_flags(x.dtype))
     return act
 
 
@@ -233,10 +254,10 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, plan: 
     if num_m == 0:
         return slot_out
     grid = (num_m * triton.cdiv(D, cfg["BLOCK_N"]),)
-    _down_kernel[grid](
-        act, w2, weights, slot_out, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, S, D, F, num_m,
-        act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-        slot_out.stride(0), slot_out.stride(1), **_launch_opts(cfg), **_kernel_flags(act.dtype))
+    args = (act, w2, weights, slot_out, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, S, D, F, num_m,
+            act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+            slot_out.stride(0), slot_out.stride(1))
+    _launch(_down_kernel, grid, args, cfg, _kernel_flags(act.dtype))
     return slot_out
 
 

@@ -300,6 +300,7 @@ def test_fused_moe_bad_input():
 # ----------------------------------------------------------------------------------- configs
 
 def test_configs_by_token_count_and_tuned_table():
+    from moe_ref.kernels.configs import SMEM_BUDGET, smem_bytes, split_config
     small = mk.get_config(1, 8, 2, 4096, 14336)
     big = mk.get_config(16384, 8, 2, 4096, 14336)
     assert small["BLOCK_M"] == 16 and big["BLOCK_M"] >= 64
@@ -309,11 +310,15 @@ def test_configs_by_token_count_and_tuned_table():
     try:
         assert mk.get_config(3, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_N"] == 32
         assert mk.get_config(900, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_M"] == 128
-        assert mk.get_config(900, 8, 2, 4096, 14336, "float16", "Test GPU") == mk.default_config(900, 8, 2, 4096,
-                                                                                                14336)
+        untuned = mk.get_config(900, 8, 2, 4096, 14336, "float16", "Test GPU")  # no table for fp16
+        assert split_config(untuned) == split_config(mk.default_config(900, 8, 2, 4096, 14336))
     finally:
         from moe_ref.kernels.configs import TUNED_CONFIGS
         TUNED_CONFIGS.pop("Test GPU")
+    for T in (1, 64, 300, 2000, 16384):
+        for dtype_name, size in (("bfloat16", 2), ("float32", 4)):
+            first, second = split_config(mk.get_config(T, 8, 2, 4096, 14336, dtype_name))
+            assert smem_bytes(first, size, 2) <= SMEM_BUDGET and smem_bytes(second, size, 1) <= SMEM_BUDGET
     with pytest.raises(ValueError, match="BLOCK_K"):
         mk.register_tuned_configs("x", 8, 1, 1, "bfloat16", {1: dict(table[1], BLOCK_K=48)})
 
