@@ -5,6 +5,8 @@ Importing this module registers strategy "triton" with moe_ref. Modules:
   fused_moe.py    gather-GEMM-SwiGLU, GEMM-gate-weight, combine over K (+ torch references)
   topk_gating.py  fused softmax/sigmoid + top-k + renormalisation (+ torch reference)
   configs.py      tile configs by token count, tuned tables per GPU
+  backend.py      interpreter_active(), require_backend(): where the kernels can run
+  compile_check.py  compiles every kernel for sm_90 without a GPU (python -m moe_ref.kernels.compile_check)
   forward.py      the whole forward from x (router GEMM + all of the above)
 On a machine without a GPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1
 before importing moe_ref.kernels (it is read when the kernels are defined).
@@ -20,6 +22,7 @@ from moe_ref.router import Routing  # noqa: E402
 from moe_ref.strategy import StrategyResult, register_strategy  # noqa: E402
 
 from .align import AlignedPlan, align_block_size, align_block_size_torch, align_single_token  # noqa: E402
+from .backend import interpreter_active, require_backend  # noqa: E402
 from .configs import default_config, get_config, register_tuned_configs  # noqa: E402
 from .forward import triton_moe_forward  # noqa: E402
 from .fused_moe import (  # noqa: E402
@@ -30,7 +33,6 @@ from .fused_moe import (  # noqa: E402
     fused_moe,
     gate_up,
     gate_up_torch,
-    interpreter_active,
 )
 from .topk_gating import topk_gating, topk_gating_torch  # noqa: E402
 
@@ -40,22 +42,6 @@ __all__ = [
     "get_config", "interpreter_active", "register_tuned_configs", "require_backend", "topk_gating",
     "topk_gating_torch", "triton_moe", "triton_moe_forward",
 ]
-
-ENABLE_HINT = ("strategy 'triton' needs a CUDA GPU, or Triton's CPU interpreter: set the environment variable "
-               "TRITON_INTERPRET=1 before importing moe_ref.kernels (e.g. `TRITON_INTERPRET=1 python ...`, or "
-               "os.environ['TRITON_INTERPRET'] = '1' at the top of a notebook); the interpreter is slow, "
-               "so keep shapes tiny")
-
-
-def require_backend(x: torch.Tensor) -> None:
-    """Raise a clear RuntimeError unless x can be processed: on a CUDA device, or under the interpreter."""
-    if interpreter_active():
-        return
-    if not x.is_cuda:
-        gpu = "a CUDA device is present, so move x and the layer there (layer.cuda())" \
-            if torch.cuda.is_available() else "no CUDA device is available here"
-        raise RuntimeError(f"{ENABLE_HINT}. x is on {x.device} and {gpu}.")
-
 
 @register_strategy("triton")
 def triton_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor,

@@ -24,6 +24,8 @@ import triton.language as tl
 
 from moe_ref.grouping import group_by_expert
 
+from .backend import require_backend
+
 
 @dataclass
 class AlignedPlan:
@@ -175,6 +177,7 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     _check(topk_ids, num_experts, block_m)
     T, K = topk_ids.shape
     S, E, dev = T * K, num_experts, topk_ids.device
+    require_backend(topk_ids)
     max_padded = max_padded_rows(S, E, block_m)
     num_blocks = max_padded // block_m
     sorted_ids = torch.full((max_padded,), S, dtype=torch.int32, device=dev)  # [max_padded] sentinel

@@ -28,14 +28,10 @@ from triton.runtime.errors import OutOfResources
 from moe_ref.reference import check_weights, swiglu
 
 from .align import AlignedPlan, align_block_size, align_single_token
+from .backend import interpreter_active, require_backend
 from .configs import get_config, split_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreter_active() -> bool:
-    """True when this module's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_gate_up_kernel).__name__ == "InterpretedFunction"
 
 
 @triton.jit
@@ -278,6 +274,7 @@ def combine(slot_out: torch.Tensor, topk_ids: torch.Tensor, out_dtype: torch.dty
 def check_inputs(x, topk_ids, topk_weights, w13, w2) -> tuple[int, int, int]:
     """Shape/dtype/device checks that need no device values; returns (E, D, F)."""
     E, D, F = check_weights(x, w13, w2)
+    require_backend(x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton kernels support {SUPPORTED_DTYPES}, got {x.dtype}; "
                         "use a torch strategy (e.g. 'grouped') for float64")

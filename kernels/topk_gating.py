@@ -15,6 +15,8 @@ import triton.language as tl
 
 from moe_ref.config import check_top_k
 
+from .backend import require_backend
+
 
 @triton.jit
 def _topk_gating_kernel(
@@ -71,6 +73,7 @@ def topk_gating(logits: torch.Tensor, top_k: int, renormalize: bool = True,
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
     T, E = logits.shape
     check_top_k(top_k, E)
+    require_backend(logits)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     if T == 0:
