@@ -60,8 +60,9 @@ def check_config(cfg: dict, name: str = "config") -> None:
 def default_config(T: int, E: int, K: int, D: int, F: int) -> dict:
     """Heuristic tiles by average rows per expert (T*K/E). Untuned starting points for Hopper."""
     rows_per_expert = T * K / max(E, 1)
-    if rows_per_expert <= 16:  # decode: weight-bandwidth bound
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
+    if rows_per_expert <= 16:  # decode: weight-bandwidth bound; narrower N tiles when F is small, so that
+        # few active experts still give enough programs to keep every SM streaming weights
+        cfg = dict(BLOCK_M=16, BLOCK_N=64 if F >= 4096 else 32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
     elif rows_per_expert <= 128:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=3)
     elif rows_per_expert <= 512:

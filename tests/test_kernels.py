@@ -381,3 +381,28 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                          capture_output=True, text=True, timeout=240, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "compiled 10 kernels for sm_90" in res.stdout, res.stdout
+
+
+def test_fused_path_reads_no_device_value_on_the_host(monkeypatch):
+    """No .item(), .tolist(), nonzero, bool()/int() of a tensor on the kernel path (CUDA-graph friendly).
+
+    The GPU test checks the same with torch.cuda.set_sync_debug_mode("error") and a graph capture."""
+    layer, x = make_case(13, 33, 22, 4, 2, dtype=torch.float32, seed=3)
+    r = layer.route(x)
+
+    def forbidden(name):
+        def f(*args, **kwargs):
+            raise AssertionError(f"host read of a device value: {name}")
+        return f
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}"))
+    monkeypatch.setattr(torch, "nonzero", forbidden("torch.nonzero"))
+    y = mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2)
+    y1 = mk.fused_moe(x[:1], r.topk_ids[:1], r.topk_weights[:1], layer.w13, layer.w2)  # T=1 path
+    y2 = mk.triton_moe_forward(x, layer.router_weight, layer.w13, layer.w2, 2)
+    monkeypatch.undo()
+    want = reference(layer, x, r)
+    assert_close(y, want, dtype=torch.float32)
+    assert_close(y2, want, dtype=torch.float32)
+    assert_close(y1, want[:1], dtype=torch.float32)
