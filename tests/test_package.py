@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import moe_ref
 
 
@@ -27,3 +29,18 @@ def test_public_names():
     for name in moe_ref.__all__:
         assert hasattr(moe_ref, name), name
     assert {"dense", "loop", "grouped", "grouped_mm", "padded", "triton"} <= set(moe_ref.strategy_names())
+
+
+def test_transformers_unaffected_from_repo_root():
+    """From the repo root (on sys.path) transformers' probe for HF `kernels` must see "not installed"."""
+    pytest.importorskip("transformers")
+    root = pathlib.Path(moe_ref.__file__).parent.parent
+    code = textwrap.dedent("""
+        from transformers.utils.import_utils import is_kernels_available
+        from transformers import MixtralConfig, MixtralForCausalLM  # imports the hub-kernels integration
+        import kernels
+        print(is_kernels_available(), hasattr(kernels, "fused_moe"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
