@@ -259,17 +259,26 @@ def _chart_digests(page) -> list[str] | None:
     return None if srcs is None else [hashlib.sha256(s.encode()).hexdigest()[:16] if s else "" for s in srcs]
 
 
+def _scroll(locator) -> None:
+    """Scroll into view for the screenshots; an output re-rendered meanwhile is retried, then skipped."""
+    for _ in range(5):
+        try:
+            if locator.count():
+                locator.scroll_into_view_if_needed(timeout=5_000)
+            return
+        except Exception:  # playwright Error: element detached while the chart re-rendered
+            time.sleep(0.5)
+
+
 def _show_chart(page) -> None:
-    img = page.locator(".jp-Cell:has(.widget-slider) .jp-OutputArea img").last
-    if img.count():
-        img.scroll_into_view_if_needed()
+    _scroll(page.locator(".jp-Cell:has(.widget-slider) .jp-OutputArea img").last)
 
 
 def _check_slider_moves_chart(page, name: str) -> None:
     """Move the first widget slider three steps with the keyboard; the chart image in its cell must change."""
     slider = page.locator(".widget-slider").first
     slider.wait_for(state="attached", timeout=30_000)
-    slider.scroll_into_view_if_needed()
+    _scroll(slider)
     page.wait_for_function("() => { const s = document.querySelector('.widget-slider');"
                            " const a = s && (s.closest('.jp-Cell') || document);"
                            " return a && a.querySelectorAll('.jp-OutputArea img').length > 0; }", timeout=60_000)
@@ -277,7 +286,7 @@ def _check_slider_moves_chart(page, name: str) -> None:
     assert before and all(before), f"{name}: no chart image in the slider's cell: {before}"
     _show_chart(page)
     _shot(page, f"{Path(name).stem}-slider-before.png")
-    slider.scroll_into_view_if_needed()
+    _scroll(slider)
     label = slider.locator(".widget-readout").first
     value_before = label.inner_text()
     moved = ("(v) => { const r = document.querySelector('.widget-slider .widget-readout');"
