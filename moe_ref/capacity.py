@@ -27,8 +27,10 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     """C = max(min_capacity, ceil(T * K * capacity_factor / E))."""
     CapacityConfig(capacity_factor=capacity_factor, min_capacity=min_capacity)  # validates both
     for name, v in (("num_tokens", num_tokens), ("num_experts", num_experts), ("top_k", top_k)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_tokens" else 1):
-            raise ValueError(f"{name} must be a non-negative int (experts, top_k >= 1), got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v < (0 if name == "num_tokens" else 1):
+            raise ValueError(f"{name} must be >= {0 if name == 'num_tokens' else 1}, got {v}")
     # round first so 0.1*3-style float noise cannot push ceil() up by one
     return max(min_capacity, math.ceil(round(num_tokens * top_k * capacity_factor / num_experts, 9)))
 

@@ -24,6 +24,8 @@ from .strategy import get_strategy
 
 @dataclass
 class MoEOutput:
+    """What MoELayer.__call__ returns: the layer output and the cost counters of that call."""
+
     output: torch.Tensor  # same shape and dtype as the input
     stats: MoEStats
 

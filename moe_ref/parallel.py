@@ -46,6 +46,8 @@ SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
 
 @dataclass
 class EPOutput:
+    """What ep_forward returns on one rank: its own tokens' output and that rank's stats."""
+
     output: torch.Tensor  # [T, D] this rank's tokens
     stats: EPRankStats
 
@@ -399,6 +401,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def main(argv=None) -> int:
+    """torchrun entry point (`python -m moe_ref.parallel`): EP forward vs single-process, per-rank report."""
     import torch.distributed as dist
 
     from .layer import MoELayer, moe_forward

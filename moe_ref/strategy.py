@@ -35,6 +35,7 @@ def register_strategy(name: str):
 
 
 def strategy_names() -> list[str]:
+    """Every name `layer(x, strategy=...)` accepts, sorted (lazy ones such as "triton" included)."""
     return sorted(set(STRATEGIES) | set(_LAZY))
 
 

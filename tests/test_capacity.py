@@ -353,6 +353,10 @@ def test_bad_capacity_arguments():
         priority_order(torch.ones(2, 1), "random")
     with pytest.raises(ValueError, match="num_tokens"):
         expert_capacity(-1, 2, 1, 1.0)
+    with pytest.raises(TypeError, match="num_tokens.*float"):
+        expert_capacity(3.0, 2, 1, 1.0)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        expert_capacity(3, 2, 0, 1.0)
     with pytest.raises(TypeError, match="CapacityConfig"):
         apply_capacity(hand_routing([[0]]), 2, {"capacity_factor": 1.0})
     layer, x = make_case(3, 8, 6, 2, 1)
