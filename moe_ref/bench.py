@@ -51,7 +51,7 @@ SHAPES = {
 }
 
 
-def time_cpu(fn, warmup: int = 1, reps: int = 5) -> float:
+def time_cpu(fn, warmup: int = 2, reps: int = 5) -> float:
     """Median wall time of fn() in seconds."""
     for _ in range(warmup):
         fn()

@@ -498,11 +498,11 @@ def find_results_dir(start: Path | None = None) -> Path | None:
 
 
 def load_device_results(folder: Path | None) -> list[dict]:
-    """Every committed device result (JSON with kind == "device") in folder, newest first; [] if none."""
+    """Every committed device result (JSON with kind == "device") in folder or below, newest first; [] if none."""
     if folder is None or not Path(folder).is_dir():
         return []
     out = []
-    for p in sorted(Path(folder).glob("*.json")):
+    for p in sorted(Path(folder).rglob("*.json")):  # a folder per run is fine
         try:
             res = json.loads(p.read_text())
         except (OSError, ValueError):

@@ -207,3 +207,17 @@ def test_targets_on_synthetic_rows():
     assert got[(hbm, "qwen3-30b-a3b", 1)]["met"] is False
     assert (vs_loop, "mixtral-8x7b", 16) not in got  # only from 256 tokens
     assert not any(k[0] == mm for k in got)  # no 8192+ token rows in this result
+
+
+def test_load_device_results_finds_runs_in_subfolders_and_ignores_cpu_runs(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.json").write_text(json.dumps({"machine": {"date": "2026-01-03"}, "rows": [{}]}))
+    (tmp_path / "h200-a").mkdir()
+    for name, date in (("h200-a/gpu.json", "2026-01-01"), ("h200-b.json", "2026-01-02")):
+        (tmp_path / name).write_text(json.dumps({"kind": "device", "machine": {"date": date}, "rows": [{}]}))
+    (tmp_path / "broken.json").write_text("{not json")
+    found = bg.load_device_results(tmp_path)
+    assert [r["machine"]["date"] for r in found] == ["2026-01-02", "2026-01-01"]  # newest first
+    assert found[1]["_path"].endswith("h200-a/gpu.json")
+    assert bg.load_device_results(tmp_path / "missing") == []
+    assert bg.load_device_results(None) == []
