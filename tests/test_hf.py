@@ -337,5 +337,8 @@ def test_hf_experts_providers_share_weights_and_check_input():
                               topk_weights=r.topk_weights)
     with pytest.raises(ValueError, match="dropless"):
         providers["eager"](x, dropped)
+    with pytest.raises(ValueError, match="dropless"):  # checked again: an error is not remembered as a pass
+        providers["eager"](x, dropped)
+    assert_close(providers["eager"](x, r), 2 * before, torch.float32)  # a checked routing is reused unchecked
     with pytest.raises(TypeError, match="layer"):
         hf.hf_experts_providers(torch.nn.Linear(2, 2))
