@@ -229,11 +229,22 @@ PANELS = [
     (lambda: widgets.grouping_panel(), "tokens", 9),
     (lambda: widgets.token_flow_panel(), "seed", 3),
     (lambda: widgets.capacity_panel(tokens=64), "capacity_factor", 0.5),
+    (lambda: widgets.ep_panel(tokens=64), "world_size", 2),
+    (lambda: widgets.alignment_panel(), "block_m", 8),
 ]
 
 
+def _shown_png(panel) -> bytes:
+    """The PNG the panel's Output widget holds: what JupyterLab (or an executed notebook) shows."""
+    import base64
+
+    outs = panel.output.outputs
+    assert len(outs) == 1 and outs[0]["output_type"] == "display_data", f"expected one chart, got {outs}"
+    return base64.b64decode(outs[0]["data"]["image/png"])
+
+
 @pytest.mark.parametrize("make, control, value", PANELS, ids=["naive", "batching", "grouping", "permutation",
-                                                               "capacity"])
+                                                               "capacity", "parallel", "alignment"])
 def test_panel_renders_and_rerenders_on_change(make, control, value):
     import ipywidgets as W
 
@@ -241,9 +252,12 @@ def test_panel_renders_and_rerenders_on_change(make, control, value):
     assert isinstance(panel, W.Widget)
     assert panel.renders == 1 and isinstance(panel.figure, Figure) and panel.error is None
     before, png_before = panel.figure, _png(panel.figure)
+    shown_before = _shown_png(panel)
+    assert shown_before.startswith(b"\x89PNG")
     panel.controls[control].value = value
     assert panel.renders == 2, f"changing {control} did not re-render"
     assert panel.figure is not before and _png(panel.figure) != png_before, f"{control} did not change the chart"
+    assert _shown_png(panel) != shown_before, f"{control} changed the figure but not what the Output shows"
 
 
 def test_capacity_panel_shows_the_error_message():
@@ -252,5 +266,8 @@ def test_capacity_panel_shows_the_error_message():
     panel.controls["capacity_factor"].value = 0.5
     panel.controls["overflow"].value = "error"
     assert panel.error is not None and "over capacity" in panel.error and "expert" in panel.error
+    shown = panel.output.outputs
+    assert len(shown) == 1 and shown[0]["output_type"] == "stream" and panel.error in shown[0]["text"]
     panel.controls["overflow"].value = "spill"
     assert panel.error is None and isinstance(panel.figure, Figure)
+    assert _shown_png(panel).startswith(b"\x89PNG")

@@ -1,9 +1,10 @@
 """A small panel: widgets in a box, one Output that shows the Figure of the current widget values.
 
-Legend: none (generic helper for the topic panels of notebooks 01-05).
-`Panel(make_figure, controls)` calls make_figure(**values) now and on every change of a control;
+Legend: none (generic helper for the topic panels of notebooks 01-07).
+`make_panel(make_figure, controls)` calls make_figure(**values) now and on every change of a control;
 it keeps the last Figure in `.figure` and counts renders in `.renders`, so tests can check that
-moving a slider re-renders without a running kernel.
+moving a slider re-renders without a running kernel; the Output's `outputs` hold exactly what a
+browser shows (one PNG, or the library's error message).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from collections.abc import Callable
 __all__: list[str] = []
 
 
-def figure_png(fig, dpi: int = 100):
-    """An IPython Image (PNG) of a Figure: shows in any kernel, whatever matplotlib backend is active."""
+def png_output(fig, dpi: int = 100) -> dict:
+    """One nbformat display_data output holding fig as a PNG (what an Output widget's `outputs` holds)."""
+    import base64
     import io
-
-    from IPython.display import Image
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    return Image(data=buf.getvalue(), format="png")
+    png = base64.b64encode(buf.getvalue()).decode("ascii")
+    return {"output_type": "display_data", "data": {"image/png": png, "text/plain": "<Figure>"}, "metadata": {}}
 
 
 def make_panel(make_figure: Callable, controls: dict, rows: list[list[str]] | None = None):
@@ -29,9 +30,11 @@ def make_panel(make_figure: Callable, controls: dict, rows: list[list[str]] | No
 
     Attributes added to the box: controls (dict), output (Output), figure (last Figure),
     renders (int), error (last exception text or None), update() (re-render now).
+    The chart is put in by setting `Output.outputs` in one step, never by capturing display() inside
+    `with out:`: under capture, headless runners (nbclient: nbmake, nbconvert) answer on the kernel's shell
+    channel while they wait there for the cell's reply, a race that can hang the run (it did, in CI).
     """
     import ipywidgets as W
-    from IPython.display import clear_output, display
 
     out = W.Output()
     rows = rows or [list(controls)]
@@ -40,18 +43,16 @@ def make_panel(make_figure: Callable, controls: dict, rows: list[list[str]] | No
 
     def update(change=None):
         values = {n: w.value for n, w in controls.items()}
-        with out:
-            clear_output(wait=True)
-            try:
-                fig = make_figure(**values)
-            except (ValueError, TypeError) as e:  # a combination the library rejects: say why
-                box.error = f"{type(e).__name__}: {e}"
-                print(box.error)
-                return
-            box.error = None
-            box.figure = fig
-            box.renders += 1
-            display(figure_png(fig))
+        try:
+            fig = make_figure(**values)
+        except (ValueError, TypeError) as e:  # a combination the library rejects: say why
+            box.error = f"{type(e).__name__}: {e}"
+            out.outputs = ({"output_type": "stream", "name": "stdout", "text": box.error + "\n"},)
+            return
+        box.error = None
+        box.figure = fig
+        box.renders += 1
+        out.outputs = (png_output(fig),)
 
     for w in controls.values():
         w.observe(update, names="value")

@@ -25,11 +25,12 @@ def alignment_figure(T: int = 12, E: int = 6, K: int = 2, block_m: int = 4, skew
 
 
 def alignment_panel(align_fn=None, max_tokens: int = 64, max_experts: int = 16):
-    """Sliders for T, E, K, BLOCK_M, skew and seed over alignment_figure."""
+    """Sliders for T, E, K, BLOCK_M, skew and seed over alignment_figure (K is capped at E)."""
     import ipywidgets as W
-    from IPython.display import display
 
-    sliders = dict(
+    from ._panel import make_panel
+
+    controls = dict(
         T=W.IntSlider(value=12, min=1, max=max_tokens, description="T tokens"),
         E=W.IntSlider(value=6, min=1, max=max_experts, description="E experts"),
         K=W.IntSlider(value=2, min=1, max=max_experts, description="K top-k"),
@@ -38,9 +39,7 @@ def alignment_panel(align_fn=None, max_tokens: int = 64, max_experts: int = 16):
         seed=W.IntSlider(value=0, min=0, max=20, description="seed"),
     )
 
-    def show(T, E, K, block_m, skew, seed):
-        display(alignment_figure(T, E, min(K, E), block_m, skew, seed, align_fn))
+    def make(T, E, K, block_m, skew, seed):
+        return alignment_figure(T, E, min(K, E), block_m, skew, seed, align_fn)
 
-    out = W.interactive_output(show, sliders)
-    panel = W.VBox([W.HBox(list(sliders.values())[:3]), W.HBox(list(sliders.values())[3:]), out])
-    return panel
+    return make_panel(make, controls, rows=[["T", "E", "K"], ["block_m", "skew", "seed"]])
