@@ -26,9 +26,35 @@ ENABLE_HINT = ("the Triton kernels need a CUDA GPU, or Triton's CPU interpreter:
                "the interpreter is slow, so keep shapes tiny")
 
 
+def _version(v: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in v.split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why this Triton's interpreter cannot run the kernels with this numpy, or None if it can.
+
+    Triton 3.6 and older call int() on 1-element numpy arrays inside the interpreter, an error since
+    numpy 2.4 ("only 0-dimensional arrays can be converted to Python scalars"). Measured: triton 3.6.0
+    fails every kernel test with numpy 2.4.6 and passes them all with numpy 2.3.5; 3.7.1, 3.8.0, 3.9.0 pass.
+    """
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter does not work with numpy {numpy_version} (it converts "
+                f"1-element arrays with int(), an error since numpy 2.4): install triton>=3.7 or numpy<2.4")
+    return None
+
+
 def require_backend(x: torch.Tensor) -> None:
-    """Raise a clear RuntimeError unless x can be processed: on a CUDA device, or under the interpreter."""
-    if interpreter_active() or x.is_cuda:
+    """Raise a clear RuntimeError unless x can be processed: on a CUDA device, or under a working interpreter."""
+    if x.is_cuda and not interpreter_active():
+        return
+    if interpreter_active():
+        import numpy
+
+        why = interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if why:
+            raise RuntimeError(why)
         return
     gpu = ("a CUDA device is present, so move x and the layer there (layer.cuda())" if torch.cuda.is_available()
            else "no CUDA device is available here")

@@ -406,3 +406,22 @@ def test_fused_path_reads_no_device_value_on_the_host(monkeypatch):
     assert_close(y, want, dtype=torch.float32)
     assert_close(y2, want, dtype=torch.float32)
     assert_close(y1, want[:1], dtype=torch.float32)
+
+
+def test_old_triton_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
+    """Triton <= 3.6's interpreter breaks on numpy >= 2.4 (measured: 3.6.0 + numpy 2.4.6 fail every kernel test)."""
+    import numpy
+    import triton
+
+    from moe_ref.kernels import backend
+
+    why = backend.interpreter_incompatibility("3.6.0", "2.4.6")
+    assert why and "triton>=3.7" in why and "numpy<2.4" in why
+    assert backend.interpreter_incompatibility("2.3.1", "2.4.0rc1")
+    for ok in (("3.6.0", "2.3.5"), ("3.7.1", "2.4.6"), ("3.9.0", "2.4.0rc1"), ("4.0.0", "3.0.0")):
+        assert backend.interpreter_incompatibility(*ok) is None, ok
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match="triton>=3.7 or numpy<2.4"):
+        mk.fused_moe(torch.randn(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                     torch.randn(1, 8, 8), torch.randn(1, 8, 4))
