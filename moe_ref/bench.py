@@ -230,10 +230,20 @@ def gpu_main(args) -> int:
     result["settings"]["quick"] = args.quick
     bg.write_json(result, path)
     bg.print_summary(result)
-    for pth in bg.write_charts(result, out):
-        stamp(f"wrote {pth}")
+    if _have_matplotlib():
+        for pth in bg.write_charts(result, out):
+            stamp(f"wrote {pth}")
+    else:
+        stamp(f"matplotlib is not installed here: no charts; redraw them elsewhere with "
+              f"`python -m moe_ref.bench --plot {path.name}`")
     stamp(f"wrote {path}")
     return 0
+
+
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_main(path: Path, out: Path | None) -> int:
@@ -241,6 +251,9 @@ def plot_main(path: Path, out: Path | None) -> int:
     from . import bench_gpu as bg
 
     result = json.loads(path.read_text())
+    if not _have_matplotlib():
+        print("the charts need matplotlib: pip install matplotlib (or the moe_ref[notebooks] extra)")
+        return 2
     for pth in bg.write_charts(result, out or path.parent):
         print(f"wrote {pth}")
     return 0

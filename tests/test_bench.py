@@ -221,3 +221,17 @@ def test_load_device_results_finds_runs_in_subfolders_and_ignores_cpu_runs(tmp_p
     assert found[1]["_path"].endswith("h200-a/gpu.json")
     assert bg.load_device_results(tmp_path / "missing") == []
     assert bg.load_device_results(None) == []
+
+
+def test_without_matplotlib_the_sweep_still_writes_its_json(tmp_path, monkeypatch, capsys):
+    """A bare GPU machine may lack matplotlib: the measured JSON must survive, the charts are redrawn elsewhere."""
+    monkeypatch.setattr(bench, "_have_matplotlib", lambda: False)
+    rc = bench.main(["--gpu", "--device", "cpu", "--shapes", "cpu-small", "--tokens", "1", "--dtype", "fp32",
+                     "--providers", "loop", "grouped", "--budget-ms", "5", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["rows"] and all(r["status"] == "ok" for r in res["rows"])
+    assert not list(tmp_path.glob("*.png"))
+    assert "no charts" in capsys.readouterr().out
+    assert bench.main(["--plot", str(tmp_path / "gpu.json")]) == 2
+    assert "need matplotlib" in capsys.readouterr().out
