@@ -5,6 +5,8 @@ Nothing here touches triton.runtime.driver, so it is safe on machines without a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,7 @@ def _version(v: str) -> tuple[int, int]:
     return major, minor
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; require_backend asks on every launch
 def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
     """Why this Triton's interpreter cannot run the kernels with this numpy, or None if it can.
 
@@ -49,14 +52,14 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
 
 def require_backend(x: torch.Tensor) -> None:
     """Raise a clear RuntimeError unless x can be processed: on a CUDA device, or under a working interpreter."""
-    if x.is_cuda and not interpreter_active():
-        return
     if interpreter_active():
         import numpy
 
         why = interpreter_incompatibility(triton.__version__, numpy.__version__)
         if why:
             raise RuntimeError(why)
+        return
+    if x.is_cuda:
         return
     gpu = ("a CUDA device is present, so move x and the layer there (layer.cuda())" if torch.cuda.is_available()
            else "no CUDA device is available here")

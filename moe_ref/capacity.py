@@ -29,8 +29,9 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     for name, v in (("num_tokens", num_tokens), ("num_experts", num_experts), ("top_k", top_k)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-        if v < (0 if name == "num_tokens" else 1):
-            raise ValueError(f"{name} must be >= {0 if name == 'num_tokens' else 1}, got {v}")
+        least = 0 if name == "num_tokens" else 1
+        if v < least:
+            raise ValueError(f"{name} must be >= {least}, got {v}")
     # round first so 0.1*3-style float noise cannot push ceil() up by one
     return max(min_capacity, math.ceil(round(num_tokens * top_k * capacity_factor / num_experts, 9)))
 

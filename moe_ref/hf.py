@@ -421,15 +421,16 @@ def hf_experts_providers(layer: MoELayer) -> dict[str, callable]:
 
 
 def _provider(ex: nn.Module, E: int):
-    checked = [None]  # the last topk_ids tensor found dropless: a benchmark's repeated calls skip the check,
+    checked = None  # the last topk_ids tensor found dropless: a benchmark's repeated calls skip the check,
     # which reads a device value on the host (a sync that would be timed against transformers, not us)
 
     def run(x2d: torch.Tensor, routing: Routing) -> torch.Tensor:
+        nonlocal checked
         ids = routing.topk_ids
-        if ids is not checked[0]:
+        if ids is not checked:
             if ids.numel() and int(ids.min()) < 0:
                 raise ValueError("transformers experts take dropless routings only (routing has ids -1)")
-            checked[0] = ids
+            checked = ids
         with torch.no_grad():
             return ex(x2d, ids, routing.topk_weights)
 

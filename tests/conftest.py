@@ -10,8 +10,8 @@ import torch  # noqa: E402
 try:  # hypothesis is a dev dependency; a bare GPU machine (make gpu-check) may lack it and needs none of it
     from hypothesis import HealthCheck, settings
 except ImportError:
-    settings = None
-if settings is not None:
+    pass
+else:
     settings.register_profile(
         "moe", deadline=None, max_examples=int(os.environ.get("MOE_REF_HYPOTHESIS_EXAMPLES", "40")),
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
