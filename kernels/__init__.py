@@ -4,7 +4,8 @@ Importing this module registers strategy "triton" with moe_ref. Modules:
   align.py        align_block_size: block-aligned grouping on the device (+ torch reference)
   fused_moe.py    gather-GEMM-SwiGLU, GEMM-gate-weight, combine over K (+ torch references)
   topk_gating.py  fused softmax/sigmoid + top-k + renormalisation (+ torch reference)
-  configs.py      tile configs by token count, tuned tables per GPU
+  configs.py      tile configs by token count, tuned tables per GPU (load_tuned_configs; tuned/*.json ship)
+  tune.py         times candidate configs on the GPU at hand, writes a tuned table (python -m moe_ref.kernels.tune)
   backend.py      interpreter_active(), require_backend(): where the kernels can run
   compile_check.py  compiles every kernel for sm_90 without a GPU (python -m moe_ref.kernels.compile_check)
   forward.py      the whole forward from x (router GEMM + all of the above)
@@ -22,7 +23,7 @@ if __name__ != "moe_ref.kernels":
 else:
     from .align import AlignedPlan, align_block_size, align_block_size_torch, align_single_token
     from .backend import interpreter_active, require_backend
-    from .configs import default_config, get_config, register_tuned_configs
+    from .configs import default_config, get_config, load_tuned_configs, register_tuned_configs
     from .forward import triton_moe_forward
     from .fused_moe import (
         combine,
@@ -39,6 +40,6 @@ else:
     __all__ = [
         "AlignedPlan", "align_block_size", "align_block_size_torch", "align_single_token", "combine",
         "combine_torch", "default_config", "down", "down_torch", "fused_moe", "gate_up", "gate_up_torch",
-        "get_config", "interpreter_active", "register_tuned_configs", "require_backend", "topk_gating",
-        "topk_gating_torch", "triton_moe", "triton_moe_forward",
+        "get_config", "interpreter_active", "load_tuned_configs", "register_tuned_configs", "require_backend",
+        "topk_gating", "topk_gating_torch", "triton_moe", "triton_moe_forward",
     ]

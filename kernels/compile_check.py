@@ -4,7 +4,9 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
 The interpreter runs kernels as numpy, so type errors, unsupported ops or layouts only show when
 Triton really compiles. triton.compile() with a GPUTarget goes all the way to a cubin (Triton ships
 its own ptxas) on a machine with no GPU and never touches the driver.
-Usage:  python -m moe_ref.kernels.compile_check [--arch 90] [--quick]
+Usage:  python -m moe_ref.kernels.compile_check [--arch 90] [--quick] [--candidates]
+(--candidates: also every config the tuner may try, bf16, Mixtral and Qwen3-30B-A3B shapes, each checked
+against the shared memory a Hopper block may use.)
 It must run with TRITON_INTERPRET unset (or 0): under the interpreter the kernels are not JIT functions.
 """
 
@@ -20,13 +22,42 @@ GEMM_INDEX_PTRS = {"sorted_slot_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num
                    "topk_weights_ptr": "*fp32"}
 
 
-def _build(kernel, sig: dict, consts: dict, target, num_warps: int = 4, num_stages: int = 3):
+def _specialize(sig: dict, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as a launch with these argument values would specialize them.
+
+    A real launch tells the compiler which pointers are 16-byte aligned and which integers are multiples
+    of 16 ("tt.divisibility"), and turns integers equal to 1 into constants. Without that a compile sees
+    2-byte-aligned rows: no vector loads, no cp.async pipeline, a far smaller shared-memory footprint than
+    the GPU will really need. Pointers are taken as 16-byte aligned (torch's allocations are); integers
+    use `values` (the real strides and sizes), or none of the hints when a value is not given."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, ty) in enumerate(sig.items()):
+        v = values.get(name)
+        if ty.startswith("*"):
+            signature[name], attrs[(i,)] = ty, [["tt.divisibility", 16]]
+        elif v == 1:
+            signature[name], constexprs[(i,)] = "constexpr", 1
+        else:
+            signature[name] = ty
+            if v is not None and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _build(kernel, sig: dict, consts: dict, target, num_warps: int = 4, num_stages: int = 3,
+           values: dict | None = None):
     import triton
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
-    signature = {n: ("constexpr" if n in consts else sig[n]) for n in names}
-    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    runtime = {n: sig[n] for n in names if n not in consts}
+    signature, constexprs, attrs = _specialize(runtime, values or {})
+    index = {n: names.index(n) for n in runtime}
+    full_sig = {n: ("constexpr" if n in consts else signature[n]) for n in names}
+    src = ASTSource(fn=kernel, signature=full_sig,
+                    constexprs={**{(names.index(k),): v for k, v in consts.items()},
+                                **{(index[list(runtime)[i[0]]],): v for i, v in constexprs.items()}},
+                    attrs={(index[list(runtime)[i[0]]],): a for i, a in attrs.items()})
     return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
@@ -34,8 +65,23 @@ def _gemm_sig(kernel, dt: str) -> dict:
     return {n: (GEMM_INDEX_PTRS.get(n, "*" + dt) if n.endswith("_ptr") else "i32") for n in kernel.arg_names}
 
 
-def compile_all(arch: int = 90, quick: bool = False, log=print) -> list[str]:
-    """Compile each kernel (GEMMs for the default configs of several token counts); return the names built."""
+def _gemm_values(kernel_name: str, D: int, F: int) -> dict:
+    """Sizes and strides the launchers pass for contiguous x [T, D], w13 [E, 2F, D], w2 [E, D, F], act [P, F],
+    slot_out [S, D]; row counts (slots, M-blocks) vary per call and are left out."""
+    if kernel_name == "_gate_up_kernel":
+        return dict(D=D, F=F, top_k=2, stride_xt=D, stride_xd=1, stride_we=2 * F * D, stride_wn=D, stride_wd=1,
+                    stride_am=F, stride_af=1)
+    return dict(N=D, F=F, stride_am=F, stride_af=1, stride_we=D * F, stride_wn=F, stride_wf=1, stride_os=D,
+                stride_on=1)
+
+
+HOPPER_SMEM_PER_BLOCK = 232448  # bytes a block may use on H100/H200 (227 KiB)
+
+
+def compile_all(arch: int = 90, quick: bool = False, candidates: bool = False, log=print) -> list[str]:
+    """Compile each kernel (GEMMs for the default configs of several token counts, and with candidates=True
+    every config moe_ref.kernels.tune may try); return the names built. Raises if a GEMM's shared memory
+    passes what a Hopper block may use."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset or 0 (the interpreter does not compile)")
     from triton.backends.compiler import GPUTarget
@@ -48,37 +94,60 @@ def compile_all(arch: int = 90, quick: bool = False, log=print) -> list[str]:
     target = GPUTarget("cuda", arch, 32)
     built = []
 
-    def build(kernel, sig, consts, num_warps=4, num_stages=3):
+    def build(kernel, sig, consts, num_warps=4, num_stages=3, values=None):
         t0 = time.perf_counter()
-        k = _build(kernel, sig, consts, target, num_warps, num_stages)
+        k = _build(kernel, sig, consts, target, num_warps, num_stages, values)
         built.append(kernel.fn.__name__)
+        ptx = k.asm.get("ptx", "")
+        pipe = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
         log(f"ok {kernel.fn.__name__:22s} {consts} warps={num_warps} stages={num_stages} "
-            f"shared={k.metadata.shared} B ({time.perf_counter() - t0:.1f} s)")
+            f"shared={k.metadata.shared} B async-copies={pipe} ({time.perf_counter() - t0:.1f} s)")
+        if arch == 90 and k.metadata.shared > HOPPER_SMEM_PER_BLOCK:
+            raise RuntimeError(f"{kernel.fn.__name__} {consts} stages={num_stages} needs {k.metadata.shared} B of "
+                               f"shared memory, more than a Hopper block may use ({HOPPER_SMEM_PER_BLOCK} B)")
+
+    def build_gemms(cfg: dict, dt: str, D: int = 4096, F: int = 14336) -> None:
+        first, second = split_config(cfg)
+        for kernel, c in ((fm._gate_up_kernel, first), (fm._down_kernel, second)):
+            consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                          GROUP_M=c["GROUP_M"], UPCAST=False, IEEE_FP32=dt == "fp32")
+            build(kernel, _gemm_sig(kernel, dt), consts, c["num_warps"], c["num_stages"],
+                  _gemm_values(kernel.fn.__name__, D, F))
 
     dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]
     tokens = [1, 16384] if quick else [1, 300, 2000, 16384]
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     for dt in dtypes:
         for T in tokens:  # Mixtral shape: one config per token-count bucket
-            first, second = split_config(get_config(T, 8, 2, 4096, 14336, names[dt]))
-            for kernel, cfg in ((fm._gate_up_kernel, first), (fm._down_kernel, second)):
-                consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                              GROUP_M=cfg["GROUP_M"], UPCAST=False, IEEE_FP32=dt == "fp32")
-                build(kernel, _gemm_sig(kernel, dt), consts, cfg["num_warps"], cfg["num_stages"])
+            build_gemms(get_config(T, 8, 2, 4096, 14336, names[dt]), dt)
         build(fm._combine_kernel, {"slot_out_ptr": "*" + dt, "topk_ids_ptr": "*i64", "y_ptr": "*" + dt,
-                                   "D": "i32", "stride_os": "i32", "stride_yt": "i32"}, dict(TOP_K=8, BLOCK_D=1024))
+                                   "D": "i32", "stride_os": "i32", "stride_yt": "i32"}, dict(TOP_K=8, BLOCK_D=1024),
+              values=dict(D=4096, stride_os=4096, stride_yt=4096))
     for sigmoid in ((False,) if quick else (False, True)):
         build(tg._topk_gating_kernel, {"logits_ptr": "*fp32", "ids_ptr": "*i64", "weights_ptr": "*fp32",
                                        "num_tokens": "i32", "num_experts": "i32", "stride_lt": "i32"},
-              dict(TOP_K=8, BLOCK_T=16, BLOCK_E=256, BLOCK_K=8, SIGMOID=sigmoid, RENORMALIZE=True))
+              dict(TOP_K=8, BLOCK_T=16, BLOCK_E=256, BLOCK_K=8, SIGMOID=sigmoid, RENORMALIZE=True),
+              values=dict(num_experts=256, stride_lt=256))
+    if candidates:  # every distinct config the tuner may try (moe_ref.kernels.tune.candidate_configs)
+        from .tune import candidate_configs
+
+        seen = set()
+        for E, K, D, F in ((8, 2, 4096, 14336), (128, 8, 2048, 768)):
+            for T in (1, 16, 64, 256, 1024, 4096, 16384):
+                for cfg in candidate_configs(T, E, K, D, F, 2, limit=16):
+                    key = repr(sorted(split_config(cfg)[0].items()) + sorted(split_config(cfg)[1].items()))
+                    if key not in seen:
+                        seen.add(key)
+                        build_gemms(cfg, "bf16", D, F)
+        log(f"{len(seen)} distinct tuning candidates compiled")
     build(align._count_kernel, {"topk_ids_ptr": "*i64", "rank_ptr": "*i32", "chunk_counts_ptr": "*i32",
                                 "num_slots": "i32", "num_chunks": "i32", "num_experts": "i32"},
-          dict(BLOCK_S=32, BLOCK_E=256), num_warps=8)
+          dict(BLOCK_S=32, BLOCK_E=256), num_warps=8, values=dict(num_experts=256))
     build(align._scan_kernel, {"chunk_counts_ptr": "*i32", "chunk_offsets_ptr": "*i32", "counts_ptr": "*i32",
                                "num_chunks": "i32"}, dict(BLOCK_C=1024))
     build(align._offsets_kernel, {"counts_ptr": "*i32", "expert_start_ptr": "*i32", "expert_ids_ptr": "*i32",
                                   "num_padded_ptr": "*i32", "num_experts": "i32", "num_blocks": "i32"},
-          dict(BLOCK_M=16, BLOCK_E=256, BLOCK_B=64))
+          dict(BLOCK_M=16, BLOCK_E=256, BLOCK_B=64), values=dict(num_experts=256))
     build(align._scatter_kernel, {"topk_ids_ptr": "*i64", "rank_ptr": "*i32", "chunk_offsets_ptr": "*i32",
                                   "expert_start_ptr": "*i32", "sorted_slot_ids_ptr": "*i32", "num_slots": "i32",
                                   "num_chunks": "i32"}, dict(BLOCK_S=32))
@@ -89,8 +158,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = Hopper)")
     p.add_argument("--quick", action="store_true", help="bf16 and two token counts only")
+    p.add_argument("--candidates", action="store_true", help="also every config the tuner may try (bf16)")
     args = p.parse_args(argv)
-    built = compile_all(args.arch, args.quick)
+    built = compile_all(args.arch, args.quick, args.candidates)
     print(f"compiled {len(built)} kernels for sm_{args.arch}")
     return 0
 

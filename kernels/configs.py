@@ -11,13 +11,18 @@ A config is a dict:
 Decode-sized batches (few rows per expert) are bound by reading the expert weights: they get
 BLOCK_M=16 so little work is spent on padding rows, and deep pipelines to stream weights.
 Prefill-sized batches are bound by the tensor cores: they get 64/128-row tiles.
-Tuned tables per GPU can be registered with register_tuned_configs(); the nearest token
-count in the table wins (as vLLM does with its JSON configs).
+Tuned tables per GPU can be registered with register_tuned_configs(), or loaded from the JSON that
+`python -m moe_ref.kernels.tune` writes (load_tuned_configs); tables in kernels/tuned/*.json ship with
+the package and are loaded on import. The token count of the table nearest to T (on a log scale) wins,
+as vLLM does with its per-GPU JSON configs.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
+from pathlib import Path
 
 # {device_name: {(E, D, F, dtype_name): {T: config}}}; filled by register_tuned_configs()
 TUNED_CONFIGS: dict[str, dict[tuple, dict[int, dict]]] = {}
@@ -75,12 +80,12 @@ def default_config(T: int, E: int, K: int, D: int, F: int) -> dict:
 
 def get_config(T: int, E: int, K: int, D: int, F: int, dtype_name: str = "bfloat16",
                device_name: str | None = None, interpreter: bool = False) -> dict:
-    """The config for T tokens: a tuned table entry (nearest T) when one exists, else default_config."""
+    """The config for T tokens: a tuned table entry (nearest T, log scale) when one exists, else default_config."""
     if interpreter:
         return dict(INTERPRETER_CONFIG)
     table = TUNED_CONFIGS.get(device_name or "", {}).get((E, D, F, dtype_name))
     if table:
-        nearest = min(table, key=lambda t: (abs(t - T), t))
+        nearest = min(table, key=lambda t: (abs(math.log(max(t, 1)) - math.log(max(T, 1))), t))
         return copy.deepcopy(table[nearest])
     return fit_to_dtype(default_config(T, E, K, D, F), 4 if dtype_name == "float32" else 2)
 
@@ -115,3 +120,33 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
     first = {k: cfg[k] for k in CONFIG_KEYS}
     second = dict(first, **cfg.get("down", {}))
     return first, second
+
+
+# ------------------------------------------------------------------------------ tuned tables on disk
+
+TUNED_KIND = "moe_ref tuned configs"  # the "kind" field of a file written by moe_ref.kernels.tune
+TUNED_DIR = Path(__file__).parent / "tuned"  # tables shipped with the package, loaded on import
+
+
+def load_tuned_configs(path: str | Path) -> int:
+    """Register every table in a JSON file written by `python -m moe_ref.kernels.tune`; returns how many.
+
+    A table is keyed by the GPU it was measured on (machine.device, as torch.cuda.get_device_name()
+    names it), so it is used only on that GPU. Later registrations replace earlier ones."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("kind") != TUNED_KIND:
+        raise ValueError(f"{path} is not a tuned-config file (its 'kind' is not {TUNED_KIND!r}); "
+                         "write one with `python -m moe_ref.kernels.tune`")
+    device, dtype_name = data["machine"]["device"], data["dtype"]
+    n = 0
+    for entry in data["entries"]:
+        if entry["table"]:
+            register_tuned_configs(device, entry["E"], entry["D"], entry["F"], dtype_name,
+                                   {int(t): cfg for t, cfg in entry["table"].items()})
+            n += 1
+    return n
+
+
+for _path in sorted(TUNED_DIR.glob("*.json")):
+    load_tuned_configs(_path)

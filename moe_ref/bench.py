@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     g.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped, recorded")
     g.add_argument("--device", default="cuda", help="'cpu' runs the device sweep on the CPU (a dry run)")
     g.add_argument("--plot", default=None, metavar="JSON", help="only redraw the charts of a saved device result")
+    g.add_argument("--tuned", nargs="+", default=[], metavar="JSON",
+                   help="tile-config tables from `python -m moe_ref.kernels.tune` for the triton provider")
     args = p.parse_args(argv)
     if args.plot:
         return plot_main(Path(args.plot), Path(args.out) if args.out else None)
@@ -211,11 +213,17 @@ def gpu_main(args) -> int:
     out = Path(args.out or "build/bench-gpu")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gpu.json"
+    tuned = []
+    for f in args.tuned:  # registered before the sweep: the triton provider picks its configs from them
+        from .kernels.configs import load_tuned_configs
+
+        tuned.append(dict(file=str(f), tables=load_tuned_configs(f)))
 
     def stamp(msg: str) -> None:
         print(f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def partial(result: dict) -> None:
+        result["settings"].update(quick=args.quick, tuned_configs=tuned)
         bg.write_json(result, path)
         done = result["rows"][-1] if result["rows"] else {}
         stamp(f"{done.get('shape')} T={done.get('tokens')} done ({result['elapsed_s']:.0f} s); wrote {path}")
@@ -227,7 +235,7 @@ def gpu_main(args) -> int:
     result = bg.run_sweep(shapes, tokens, providers, device=device, dtype=DTYPES[args.dtype], skew=args.skew,
                           timer=timer, cap_ms=cap, time_limit_s=args.time_limit, limits=limits,
                           on_progress=partial, progress=not args.no_progress)
-    result["settings"]["quick"] = args.quick
+    result["settings"].update(quick=args.quick, tuned_configs=tuned)
     bg.write_json(result, path)
     bg.print_summary(result)
     if _have_matplotlib():

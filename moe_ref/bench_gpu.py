@@ -237,6 +237,16 @@ def make_providers(layer: MoELayer, names, notes: list[str]) -> dict[str, Callab
     return providers
 
 
+def _triton_config(x: torch.Tensor, shape) -> dict | None:
+    """The tile config fused_moe picks for x at this shape (None if moe_ref.kernels cannot say)."""
+    try:
+        from .kernels.fused_moe import pick_config
+
+        return pick_config(x, shape.num_experts, shape.top_k, shape.d_ff)
+    except Exception:  # no triton: the provider was skipped anyway
+        return None
+
+
 def _device(device) -> torch.device:
     """torch.device with an explicit index for CUDA ('cuda' -> 'cuda:<current>')."""
     device = torch.device(device)
@@ -362,6 +372,8 @@ def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=t
                     _free(device)
                     continue
                 row.update(status="ok", **tm, **case_metrics(shape, T, hit, el, tm["median_ms"], result["limits"]))
+                if name == "triton":  # the tile config it ran with (a tuned table's entry, or the default)
+                    row["config"] = _triton_config(x, shape)
                 last.setdefault(name, []).append((T, tm["median_ms"]))
                 result["rows"].append(row)
             del x, r, y_ref

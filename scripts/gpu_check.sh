@@ -8,12 +8,15 @@
 #   3. pip install --no-build-isolation --no-deps -e .  (no network needed; falls back to a
 #      symlinked copy of the package on PYTHONPATH if the install fails)
 #   4. pytest -q -m gpu on the test files with GPU tests                 -> pytest-gpu.xml (junit)
-#   5. python -m moe_ref.bench --gpu --quick (partial JSON after every token count)
-#                                                                      -> gpu.json, gpu_*.png
-#   6. redraw the charts from gpu.json if step 5 was cut short
-# Everything, including this log (gpu_check.log), goes to ${OUT:-build/gpu-check}: 7 files.
-# Knobs: OUT, PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450), GPU_CHECK_FULL=1 (full
-# sweep instead of --quick), BENCH_ARGS (extra arguments for moe_ref.bench).
+#   5. python -m moe_ref.kernels.tune: a few tile configs per token count for the Mixtral and
+#      Qwen3-30B-A3B shapes, the fastest kept (partial JSON after every shape)   -> tuned.json
+#   6. python -m moe_ref.bench --gpu --quick --tuned tuned.json (partial JSON after every token
+#      count; the triton provider runs with the tuned configs)        -> gpu.json, gpu_*.png
+#   7. redraw the charts from gpu.json if step 6 was cut short
+# Everything, including this log (gpu_check.log), goes to ${OUT:-build/gpu-check}: 9 files (tuned.png and the gpu_*.png charts need matplotlib).
+# Knobs: OUT, PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450), GPU_CHECK_TUNE_S (default 75;
+# 0 skips tuning), GPU_CHECK_FULL=1 (full sweep instead of --quick), BENCH_ARGS (extra arguments for
+# moe_ref.bench), TUNE_ARGS (extra arguments for moe_ref.kernels.tune).
 # GPU_CHECK_DRY_RUN=1 walks the same steps on a machine without a GPU (no install; the GPU tests
 # skip; a tiny sweep on the CPU under the Triton interpreter): it checks this script, not the GPU.
 set -u -o pipefail
@@ -107,8 +110,9 @@ if ! (cd /tmp && timeout 120 "$PY" -c "import moe_ref, moe_ref.kernels as k; pri
 fi
 
 # 4. GPU tests (keep going on failure; the junit xml says which)
-PYTEST_LIMIT=$(($(left) - 250))
-[ "$PYTEST_LIMIT" -gt 200 ] && PYTEST_LIMIT=200
+TUNE_S=${GPU_CHECK_TUNE_S:-75}
+PYTEST_LIMIT=$(($(left) - 200 - TUNE_S))
+[ "$PYTEST_LIMIT" -gt 180 ] && PYTEST_LIMIT=180
 TIMEOUT_OPT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=150) # per test, when the plugin is there
 # only the files with GPU tests: the others import dev tools (hypothesis, nbformat, ...) a bare machine may lack
@@ -119,16 +123,29 @@ step pytest-gpu "$PYTEST_LIMIT" "$PY" -m pytest -q -m gpu "${GPU_TEST_FILES[@]}"
 
 [ "${STEPS[-1]}" != "${STEPS[-1]#pytest-gpu: rc=5}" ] && stamp "note: pytest rc=5 means no GPU test was collected"
 
-# 5. the benchmark sweep: leave ~30 s for the charts; the sweep stops itself before its time limit
+# 5. tile configs: time a few per token count, keep the fastest (a failure leaves the defaults in use)
+TUNE_DEFAULTS=(--shapes mixtral qwen3 --tokens 1 16 256 4096 16384 --limit 5)
+[ "$DRY" = 1 ] && TUNE_DEFAULTS=(--device cpu --shapes cpu-small --tokens 1 4 --limit 2 --dtype fp32)
+if [ "$TUNE_S" -gt 0 ]; then
+    TUNE_LIMIT=$TUNE_S
+    [ "$TUNE_LIMIT" -gt $(($(left) - 150)) ] && TUNE_LIMIT=$(($(left) - 150))
+    # shellcheck disable=SC2086
+    step tune "$((TUNE_LIMIT >= 10 ? TUNE_LIMIT + 30 : 0))" "$PY" -m moe_ref.kernels.tune --out "$OUT" --time-limit "$TUNE_LIMIT" \
+        "${TUNE_DEFAULTS[@]}" ${TUNE_ARGS:-}
+fi
+TUNED=()
+[ -f "$OUT/tuned.json" ] && TUNED=(--tuned "$OUT/tuned.json")
+
+# 6. the benchmark sweep: leave ~30 s for the charts; the sweep stops itself before its time limit
 BENCH_LIMIT=$(($(left) - 15))
 SWEEP_S=$((BENCH_LIMIT - 40))
 MODE="--quick"
 [ "${GPU_CHECK_FULL:-0}" = 1 ] && MODE=""
 # shellcheck disable=SC2086
 step bench "$BENCH_LIMIT" "$PY" -m moe_ref.bench --gpu $MODE --out "$OUT" --time-limit "$SWEEP_S" \
-    --no-progress ${BENCH_DEFAULTS[@]+"${BENCH_DEFAULTS[@]}"} ${BENCH_ARGS:-}
+    --no-progress ${TUNED[@]+"${TUNED[@]}"} ${BENCH_DEFAULTS[@]+"${BENCH_DEFAULTS[@]}"} ${BENCH_ARGS:-}
 
-# 6. charts from whatever JSON exists (the bench draws them itself when it finishes)
+# 7. charts from whatever JSON exists (the bench draws them itself when it finishes)
 if ! "$PY" -c "import matplotlib" 2>/dev/null; then
     stamp "no matplotlib for $PY: charts skipped (redraw them from gpu.json: python -m moe_ref.bench --plot gpu.json)"
 elif [ -f "$OUT/gpu.json" ] && [ ! -f "$OUT/gpu_roofline.png" ]; then

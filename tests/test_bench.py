@@ -52,6 +52,7 @@ def test_device_sweep_bookkeeping_on_cpu():
     D, F, K, el = TINY.d_model, TINY.d_ff, TINY.top_k, 4
     for r in res["rows"]:
         assert r["status"] == "ok", r
+        assert ("config" in r) == (r["provider"] == "triton")  # the tile config triton ran with
         assert r["flops"] == 6 * D * F * r["tokens"] * K
         assert 1 <= r["hit_experts"] <= min(TINY.num_experts, r["tokens"] * K)
         assert r["weight_bytes"] == r["hit_experts"] * 3 * D * F * el
@@ -235,3 +236,24 @@ def test_without_matplotlib_the_sweep_still_writes_its_json(tmp_path, monkeypatc
     assert "no charts" in capsys.readouterr().out
     assert bench.main(["--plot", str(tmp_path / "gpu.json")]) == 2
     assert "need matplotlib" in capsys.readouterr().out
+
+
+def test_tuned_tables_are_loaded_and_recorded(tmp_path, monkeypatch):
+    """--tuned FILE registers the tables before the sweep and the result says which files were used."""
+    from moe_ref.kernels.configs import TUNED_CONFIGS, TUNED_KIND
+
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps(dict(kind=TUNED_KIND, machine=dict(device="Test GPU"), dtype="float32", entries=[
+        dict(shape="cpu-small", E=8, D=256, F=512, K=2, table={"1": cfg}, trials=[], untuned=[])])))
+    monkeypatch.setattr(bench, "_have_matplotlib", lambda: False)
+    try:
+        rc = bench.main(["--gpu", "--device", "cpu", "--shapes", "cpu-small", "--tokens", "1", "--dtype", "fp32",
+                         "--providers", "loop", "--budget-ms", "5", "--out", str(tmp_path), "--no-progress",
+                         "--tuned", str(tuned)])
+        assert rc == 0
+        assert TUNED_CONFIGS["Test GPU"][(8, 256, 512, "float32")] == {1: cfg}
+    finally:
+        TUNED_CONFIGS.pop("Test GPU", None)
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["settings"]["tuned_configs"] == [dict(file=str(tuned), tables=1)]

@@ -5,6 +5,7 @@ bfloat16 is tested on GPU only (tests/test_kernels_gpu.py): tl.dot on bf16 is wr
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -381,6 +382,14 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                          capture_output=True, text=True, timeout=240, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "compiled 10 kernels for sm_90" in res.stdout, res.stdout
+    # specialized as a launch is (aligned pointers, strides of 1 as constants): the GEMMs' loads are
+    # software-pipelined through shared memory (cp.async), as they must be to stream weights at speed
+    gemms = [ln for ln in res.stdout.splitlines() if ln.startswith(("ok _gate_up_kernel", "ok _down_kernel"))]
+    assert len(gemms) == 4, res.stdout
+    for ln in gemms:
+        copies = int(re.search(r"async-copies=(\d+)", ln).group(1))
+        stages = int(re.search(r"stages=(\d+)", ln).group(1))
+        assert stages < 2 or copies > 0, f"not pipelined: {ln}"
 
 
 def test_fused_path_reads_no_device_value_on_the_host(monkeypatch):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-__all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "plot_bench_gpu_roofline"]
+__all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "plot_bench_gpu_roofline",
+           "plot_tuning"]
 
 
 def plot_bench_cpu(result: dict) -> Figure:
@@ -169,4 +170,47 @@ def plot_bench_gpu_roofline(result: dict, providers=("triton", "grouped_mm")) ->
     if bw and mm:
         what += f" (measured copy {bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s; targets 0.7 / 0.6)"
     _title(fig, result, what)
+    return fig
+
+
+def plot_tuning(result: dict) -> Figure:
+    """Per tuned shape, ms vs T: every config tried (grey), the default (black x), the kept one (red o).
+
+    The label under each kept point is the default's time over the kept one's; log-log axes."""
+    entries = result["entries"]
+    fig, axes = _grid(max(len(entries), 1))
+    for ax, e in zip(axes, entries):
+        ok = [t for t in e["trials"] if t.get("status") == "ok"]
+        ax.scatter([t["tokens"] for t in ok], [t["median_ms"] for t in ok], s=14, color="#aaaaaa",
+                   label="configs tried", zorder=2)
+        for key, style in (("default", dict(color="black", marker="x", label="default config")),
+                           ("kept", dict(color="#d62728", marker="o", label="kept (fastest)"))):
+            pts = []
+            for T in sorted({t["tokens"] for t in ok}):
+                at = [t for t in ok if t["tokens"] == T]
+                pick = next((t for t in at if t["default"]), None) if key == "default" else \
+                    min(at, key=lambda t: t["median_ms"])
+                if pick:
+                    pts.append((T, pick["median_ms"]))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, ms=6, zorder=3, **style)
+        for T, sp in e.get("speedup_vs_default", {}).items():
+            best = min(t["median_ms"] for t in ok if t["tokens"] == int(T))
+            ax.annotate(f"{sp:.2f}x", (int(T), best), textcoords="offset points", xytext=(0, -12), ha="center",
+                        fontsize=7, color="#d62728")
+        if e.get("untuned"):
+            ax.text(0.01, 0.01, f"untuned T: {[u['tokens'] for u in e['untuned']]}", transform=ax.transAxes,
+                    fontsize=7, color="#555555")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{e['shape']} (E={e['E']}, D={e['D']}, F={e['F']}, K={e['K']})", fontsize=10)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("ms (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        if ok:
+            ax.legend(fontsize=7)
+    m = result.get("machine", {})
+    tag = "" if result.get("complete", True) else " [PARTIAL]"
+    fig.suptitle(f"fused_moe tile configs: tried vs kept\n{m.get('device', '?')} ({result.get('dtype', '?')}), "
+                 f"torch {m.get('torch', '?')}, triton {m.get('triton', '?')}, {str(m.get('date', '?'))[:10]}{tag}",
+                 fontsize=9)
     return fig
