@@ -12,6 +12,10 @@ are outside the timed region for all of them):
   hf_*        Hugging Face transformers' experts implementations (eager, grouped_mm, batched_mm), when
               moe_ref.hf and transformers are installed
   triton      moe_ref.kernels.fused_moe (aligned grouping, fused gather-GEMM-SwiGLU, weighted combine)
+  triton_graph  the same kernels captured once per (shape, T) in a CUDA graph and replayed: what a serving
+              engine does for decode, where Python and launch overheads are a large share of a call.
+              The peers run eagerly (the `loop` and `grouped` strategies sync with the host and
+              cannot be captured); CUDA only
 Measured in the same run: device copy bandwidth (a large buffer copy, read + write bytes) and a dense
 matmul rate (square GEMMs in the benchmark dtype). Each result reports
   ms (median), TFLOP/s of useful work (6*D*F*T*K), GB/s of expert weights touched (H*3*D*F*bytes),
@@ -49,7 +53,8 @@ NOMINAL_HBM_BPS = 4.3e12  # H200 HBM3e, bytes/s (the issue's roofline figure)
 GPU_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 QUICK_TOKENS = (1, 16, 256, 4096, 16384)
 GPU_SHAPES = ("mixtral", "qwen3", "olmoe", "deepseek")
-GPU_PROVIDERS = ("loop", "grouped", "grouped_mm", "hf", "triton")  # "hf" expands to hf_<impl> per implementation
+GPU_PROVIDERS = ("loop", "grouped", "grouped_mm", "hf", "triton", "triton_graph")  # "hf": one hf_<impl> each
+TRITON_PROVIDERS = ("triton", "triton_graph")  # the providers the issue's targets are evaluated for
 TORCH_PROVIDERS = ("dense", "loop", "grouped", "grouped_mm", "padded")
 REFERENCE_PROVIDER = "grouped"  # outputs of every provider are compared with this one
 AGREE_RTOL = 5e-2  # max |y - y_ref| / max |y_ref| above which a result is flagged (bf16 outputs)
@@ -224,17 +229,49 @@ def make_providers(layer: MoELayer, names, notes: list[str]) -> dict[str, Callab
                     providers[impl if impl.startswith("hf_") else f"hf_{impl}"] = fn
             except Exception as e:  # absent (ImportError/AttributeError) or broken on this version: note it
                 notes.append(f"Hugging Face providers skipped: {type(e).__name__}: {e}")
-        elif name == "triton":
+        elif name in TRITON_PROVIDERS:
+            if name == "triton_graph" and not w13.is_cuda:
+                notes.append("triton_graph provider skipped: CUDA graphs need a CUDA device")
+                continue
             try:
                 kernels = importlib.import_module("moe_ref.kernels")
                 fused = kernels.fused_moe
-                providers["triton"] = lambda x, r, f=fused: f(x, r.topk_ids, r.topk_weights, w13, w2)
+                eager = lambda x, r, f=fused: f(x, r.topk_ids, r.topk_weights, w13, w2)
+                providers[name] = eager if name == "triton" else graph_replayer(eager)
             except Exception as e:  # no triton, or moe_ref.kernels failed to import: note it, time the rest
-                notes.append(f"triton provider skipped: {type(e).__name__}: {e}")
+                notes.append(f"{name} provider skipped: {type(e).__name__}: {e}")
         else:
             fn = get_strategy(name)
             providers[name] = lambda x, r, f=fn: f(x, r, w13, w2)
     return providers
+
+
+def graph_replayer(fn: Callable) -> Callable:
+    """fn(x, routing) -> y, captured in a CUDA graph on the first call with given inputs and replayed after.
+
+    A replay reads the inputs' current contents (same tensors, new values are fine) and returns the graph's
+    own output tensor. One graph is kept: a call with other tensors (another T) captures anew. The capture
+    is preceded by two eager calls on a side stream (compiles the kernels, settles the allocator)."""
+    state: dict = {}
+
+    def run(x: torch.Tensor, r) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), r.topk_ids.data_ptr(), r.topk_weights.data_ptr())
+        if state.get("key") != key:
+            state.clear()
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(x, r)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = fn(x, r)  # [T, D] the graph's output buffer
+            state.update(key=key, graph=graph, y=y, inputs=(x, r))  # inputs kept alive with the graph
+        state["graph"].replay()
+        return state["y"]
+
+    return run
 
 
 def _triton_config(x: torch.Tensor, shape) -> dict | None:
@@ -372,7 +409,7 @@ def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=t
                     _free(device)
                     continue
                 row.update(status="ok", **tm, **case_metrics(shape, T, hit, el, tm["median_ms"], result["limits"]))
-                if name == "triton":  # the tile config it ran with (a tuned table's entry, or the default)
+                if name in TRITON_PROVIDERS:  # the tile config it ran with (a tuned table's entry, or the default)
                     row["config"] = _triton_config(x, shape)
                 last.setdefault(name, []).append((T, tm["median_ms"]))
                 result["rows"].append(row)
@@ -393,26 +430,30 @@ def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=t
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Speedups of triton per (shape, T): t(grouped_mm)/t(triton), t(loop)/t(triton), best HF / triton."""
+    """Speedups per (shape, T) of each Triton provider v (triton, triton_graph) over its peers:
+    v_vs_grouped_mm = t(grouped_mm)/t(v), v_vs_loop, v_vs_grouped, v_vs_best_hf (> 1: v is faster)."""
     ok = {(r["shape"], r["tokens"], r["provider"]): r["median_ms"] for r in rows if r.get("status") == "ok"}
     out = []
     for shape, T in sorted({(s, t) for s, t, _ in ok}, key=lambda c: (c[0], c[1])):
-        tri = ok.get((shape, T, "triton"))
-        if tri is None:
-            continue
-        hf = [v for (s, t, p), v in ok.items() if s == shape and t == T and p.startswith("hf_")]
         row = dict(shape=shape, tokens=T)
-        for peer in ("grouped_mm", "loop", "grouped"):
-            if (shape, T, peer) in ok:
-                row[f"triton_vs_{peer}"] = ok[(shape, T, peer)] / tri
-        if hf:
-            row["triton_vs_best_hf"] = min(hf) / tri
-        out.append(row)
+        hf = [v for (s, t, p), v in ok.items() if s == shape and t == T and p.startswith("hf_")]
+        for v in TRITON_PROVIDERS:
+            tri = ok.get((shape, T, v))
+            if tri is None:
+                continue
+            for peer in ("grouped_mm", "loop", "grouped"):
+                if (shape, T, peer) in ok:
+                    row[f"{v}_vs_{peer}"] = ok[(shape, T, peer)] / tri
+            if hf:
+                row[f"{v}_vs_best_hf"] = min(hf) / tri
+        if len(row) > 2:
+            out.append(row)
     return out
 
 
 TARGETS = (
-    # (name, shapes (None = all), token predicate, metric key in rows/ratios, threshold)
+    # (name, shapes (None = all), token predicate, metric key in rows/ratios, threshold); "triton" in the
+    # name and key stands for each of TRITON_PROVIDERS in turn
     ("triton >= 1.1x grouped_mm", ("mixtral-8x7b", "qwen3-30b-a3b"), lambda T: True, "triton_vs_grouped_mm", 1.1),
     ("triton >= 5x loop from 256 tokens", ("mixtral-8x7b", "qwen3-30b-a3b"), lambda T: T >= 256, "triton_vs_loop", 5.0),
     ("triton >= 70% of HBM roofline (4.3 TB/s) at 1-64 tokens", None, lambda T: T <= 64, "hbm_frac_nominal", 0.7),
@@ -421,16 +462,19 @@ TARGETS = (
 
 
 def evaluate_targets(rows: list[dict]) -> list[dict]:
-    """Each issue target at each (shape, T) measured: value, threshold, met. Unmeasured cases are absent."""
-    tri = {(r["shape"], r["tokens"]): r for r in rows if r["provider"] == "triton" and r.get("status") == "ok"}
+    """Each issue target for each Triton provider at each (shape, T) measured: value, threshold, met.
+    Unmeasured cases are absent."""
     rat = {(r["shape"], r["tokens"]): r for r in ratios(rows)}
     out = []
-    for name, shapes, pred, key, thr in TARGETS:
-        src = rat if key.startswith("triton_vs") else tri
-        for (shape, T), r in sorted(src.items()):
-            if (shapes is None or shape in shapes) and pred(T) and key in r:
-                out.append(dict(target=name, shape=shape, tokens=T, value=r[key], threshold=thr,
-                                met=bool(r[key] >= thr)))
+    for v in TRITON_PROVIDERS:
+        tri = {(r["shape"], r["tokens"]): r for r in rows if r["provider"] == v and r.get("status") == "ok"}
+        for name, shapes, pred, key, thr in TARGETS:
+            name, src = name.replace("triton", v, 1), rat if key.startswith("triton_vs") else tri
+            key = key.replace("triton", v, 1) if key.startswith("triton_vs") else key
+            for (shape, T), r in sorted(src.items()):
+                if (shapes is None or shape in shapes) and pred(T) and key in r:
+                    out.append(dict(target=name, provider=v, shape=shape, tokens=T, value=r[key], threshold=thr,
+                                    met=bool(r[key] >= thr)))
     return out
 
 

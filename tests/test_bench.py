@@ -44,7 +44,9 @@ def _sweep(providers, tokens=(1, 5), **kw):
 
 def test_device_sweep_bookkeeping_on_cpu():
     seen = []
-    res = _sweep(["loop", "grouped", "grouped_mm", "triton"], on_progress=lambda r: seen.append(len(r["rows"])))
+    res = _sweep(["loop", "grouped", "grouped_mm", "triton", "triton_graph"],
+                 on_progress=lambda r: seen.append(len(r["rows"])))
+    assert res["notes"] == ["tiny: triton_graph provider skipped: CUDA graphs need a CUDA device"]
     assert res["complete"] and seen == [4, 8]  # partial results after every token count
     json.dumps(res)  # serialisable as is
     lim = res["limits"]
@@ -159,11 +161,13 @@ def test_gpu_flag_without_cuda_says_so(capsys):
 # ------------------------------------------------------------------ charts on a SYNTHETIC result
 
 def synthetic_result(complete=True) -> dict:
-    """A made-up device result (SYNTHETIC numbers, for drawing only): triton twice as fast as grouped_mm."""
+    """A made-up device result (SYNTHETIC numbers, for drawing only): triton twice as fast as grouped_mm,
+    triton_graph three times."""
     rows = []
     for shape in ("mixtral-8x7b", "qwen3-30b-a3b"):
         for T in (1, 16, 256):
-            for p, ms in (("grouped_mm", 1.0 + T / 100), ("triton", (1.0 + T / 100) / 2), ("loop", 3.0 + T / 10)):
+            for p, ms in (("grouped_mm", 1.0 + T / 100), ("triton", (1.0 + T / 100) / 2), ("loop", 3.0 + T / 10),
+                          ("triton_graph", (1.0 + T / 100) / 3)):
                 rows.append(dict(shape=shape, tokens=T, provider=p, status="ok", median_ms=ms, tflops=T / ms,
                                  gbps=1000 / ms, hbm_frac_nominal=0.3 / ms, hbm_frac_measured=0.35 / ms,
                                  matmul_frac=T / 1000 / ms, roofline_frac=0.4 / ms))
@@ -179,7 +183,7 @@ def test_gpu_charts_from_synthetic_result(tmp_path):
     fig = plot_bench_gpu_times(res)
     axes = [a for a in fig.axes if a.get_visible()]
     assert [a.get_title() for a in axes] == ["mixtral-8x7b", "qwen3-30b-a3b"]
-    assert sorted(line.get_label() for line in axes[0].get_lines()) == ["grouped_mm", "loop", "triton"]
+    assert sorted(line.get_label() for line in axes[0].get_lines()) == ["grouped_mm", "loop", "triton", "triton_graph"]
     tri = next(line for line in axes[0].get_lines() if line.get_label() == "triton")
     assert list(tri.get_xdata()) == [1, 16, 256]
     assert "PARTIAL" in fig._suptitle.get_text() and "SYNTHETIC" in fig._suptitle.get_text()
@@ -187,9 +191,12 @@ def test_gpu_charts_from_synthetic_result(tmp_path):
     fig = plot_bench_gpu_ratios(res)
     line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "triton vs grouped_mm")
     assert list(line.get_ydata()) == pytest.approx([2.0, 2.0, 2.0])
+    line = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "triton_graph vs grouped_mm")
+    assert list(line.get_ydata()) == pytest.approx([3.0, 3.0, 3.0]) and line.get_linestyle() == "--"
     plt.close(fig)
     fig = plot_bench_gpu_roofline(res)
     assert any("HBM" in ln.get_label() for ln in fig.axes[0].get_lines())
+    assert any(ln.get_label().startswith("triton_graph:") for ln in fig.axes[0].get_lines())
     plt.close(fig)
     (tmp_path / "r.json").write_text(json.dumps(res))
     assert bench.main(["--plot", str(tmp_path / "r.json")]) == 0
@@ -208,6 +215,11 @@ def test_targets_on_synthetic_rows():
     assert got[(hbm, "qwen3-30b-a3b", 1)]["met"] is False
     assert (vs_loop, "mixtral-8x7b", 16) not in got  # only from 256 tokens
     assert not any(k[0] == mm for k in got)  # no 8192+ token rows in this result
+    graph = vs_mm.replace("triton", "triton_graph", 1)  # every target is evaluated for triton_graph as well
+    assert graph == "triton_graph >= 1.1x grouped_mm"
+    assert got[(graph, "qwen3-30b-a3b", 16)]["value"] == pytest.approx(3.0)
+    assert got[(graph, "qwen3-30b-a3b", 16)]["provider"] == "triton_graph"
+    assert got[(vs_mm, "qwen3-30b-a3b", 16)]["provider"] == "triton"
 
 
 def test_load_device_results_finds_runs_in_subfolders_and_ignores_cpu_runs(tmp_path):
@@ -257,3 +269,45 @@ def test_tuned_tables_are_loaded_and_recorded(tmp_path, monkeypatch):
         TUNED_CONFIGS.pop("Test GPU", None)
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert res["settings"]["tuned_configs"] == [dict(file=str(tuned), tables=1)]
+
+
+def test_graph_replayer_captures_once_per_inputs_and_replays(monkeypatch):
+    """The caching logic of the triton_graph provider, with torch.cuda's graph API faked on the CPU
+    (the real capture and replay are checked in tests/test_kernels_gpu.py on a GPU)."""
+    import contextlib
+
+    log = []
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext(log.append("capture")))
+
+    def fn(x, r):
+        log.append("eager")
+        return x * 2
+
+    run = bg.graph_replayer(fn)
+    r = type("R", (), {"topk_ids": torch.zeros(3, 2, dtype=torch.long), "topk_weights": torch.ones(3, 2)})()
+    x = torch.ones(3, 4)
+    y = run(x, r)
+    assert log == ["eager", "eager", "capture", "eager", "replay"]  # 2 warm-ups, the captured call, a replay
+    assert torch.equal(y, x * 2)
+    log.clear()
+    assert run(x, r) is y and log == ["replay"]  # same inputs: replay only, the graph's own output
+    log.clear()
+    x2 = torch.ones(5, 4)
+    run(x2, r)
+    assert log == ["eager", "eager", "capture", "eager", "replay"]  # other inputs: a new capture

@@ -191,3 +191,29 @@ def test_layer_strategy_triton_on_gpu_with_capacity_and_T0():
     y0 = mk.fused_moe(x[:0], torch.zeros(0, 4, dtype=torch.long, device="cuda"),
                       torch.zeros(0, 4, device="cuda"), layer.w13, layer.w2)
     assert y0.shape == (0, 512)
+
+
+def test_bench_graph_provider_replays_with_new_values_and_recaptures_for_new_inputs():
+    """moe_ref.bench_gpu's triton_graph provider: a replay sees the inputs' new values; other tensors re-capture."""
+    from moe_ref.bench_gpu import graph_replayer
+
+    D, F, E, K = 256, 384, 16, 4
+    dtype = torch.bfloat16
+    rw, w13, w2 = make_weights(D, F, E, dtype, seed=11)
+    eager = lambda x, r: mk.fused_moe(x, r.topk_ids, r.topk_weights, w13, w2)
+    replay = graph_replayer(eager)
+    route = lambda x: moe_ref.route(x, rw, K)
+    x = make_x(37, D, dtype, seed=12)
+    r = route(x)
+    assert_near(replay(x, r), reference(x, r, w13, w2), dtype, "first call (capture)")
+    new_x = make_x(37, D, dtype, seed=13)
+    new_r = route(new_x)
+    x.copy_(new_x)  # same tensors, new values: the replay must see them
+    r.topk_ids.copy_(new_r.topk_ids)
+    r.topk_weights.copy_(new_r.topk_weights)
+    y = replay(x, r)
+    torch.cuda.synchronize()
+    assert_near(y, reference(new_x, new_r, w13, w2), dtype, "replay with new values")
+    x2 = make_x(5, D, dtype, seed=14)  # other tensors (another T): a new capture
+    r2 = route(x2)
+    assert_near(replay(x2, r2), reference(x2, r2, w13, w2), dtype, "new inputs")

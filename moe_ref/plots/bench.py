@@ -36,7 +36,8 @@ def plot_bench_cpu(result: dict) -> Figure:
 
 
 PROVIDER_STYLE = {  # provider -> (color, marker); unknown providers get matplotlib's cycle
-    "triton": ("#d62728", "o"), "grouped_mm": ("#1f77b4", "s"), "grouped": ("#2ca02c", "^"),
+    "triton": ("#d62728", "o"), "triton_graph": ("#ff7f0e", "*"), "grouped_mm": ("#1f77b4", "s"),
+    "grouped": ("#2ca02c", "^"),
     "loop": ("#7f7f7f", "v"), "hf_eager": ("#9467bd", "x"), "hf_grouped_mm": ("#17becf", "D"),
     "hf_batched_mm": ("#bcbd22", "P"),
 }
@@ -78,7 +79,7 @@ def _series(rows: list[dict], shape: str, provider: str, key: str):
 
 def _style(provider: str) -> dict:
     c, m = PROVIDER_STYLE.get(provider, (None, "."))
-    return dict(color=c, marker=m, lw=2.2 if provider == "triton" else 1.3, ms=5)
+    return dict(color=c, marker=m, lw=2.2 if provider.startswith("triton") else 1.3, ms=5)
 
 
 def plot_bench_gpu_times(result: dict) -> Figure:
@@ -109,7 +110,8 @@ def plot_bench_gpu_times(result: dict) -> Figure:
 
 
 def plot_bench_gpu_ratios(result: dict) -> Figure:
-    """Per shape: speedup of triton over grouped_mm, loop and the best Hugging Face implementation vs T."""
+    """Per shape: speedup of triton (solid) and triton_graph (dashed) over grouped_mm, loop, grouped and the
+    best Hugging Face implementation vs T."""
     rat = result.get("ratios") or []
     shapes = _shape_names(result)
     fig, axes = _grid(len(shapes))
@@ -120,11 +122,14 @@ def plot_bench_gpu_ratios(result: dict) -> Figure:
     for ax, shape in zip(axes, shapes):
         sel = sorted((r for r in rat if r["shape"] == shape), key=lambda r: r["tokens"])
         for key, (label, color, target) in styles.items():
-            pts = [(r["tokens"], r[key]) for r in sel if key in r]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=f"triton {label}")
-                if target:
-                    ax.axhline(target, color=color, ls=":", lw=1)
+            for v, ls, marker in (("triton", "-", "o"), ("triton_graph", "--", "*")):
+                vkey = key.replace("triton", v, 1)
+                pts = [(r["tokens"], r[vkey]) for r in sel if vkey in r]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls, color=color,
+                            label=f"{v} {label}")
+            if target:
+                ax.axhline(target, color=color, ls=":", lw=1)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -140,7 +145,7 @@ def plot_bench_gpu_ratios(result: dict) -> Figure:
     return fig
 
 
-def plot_bench_gpu_roofline(result: dict, providers=("triton", "grouped_mm")) -> Figure:
+def plot_bench_gpu_roofline(result: dict, providers=("triton", "triton_graph", "grouped_mm")) -> Figure:
     """Per shape: fraction of the HBM roofline (weight bytes / bandwidth) and of the measured matmul rate vs T."""
     rows = _ok_rows(result)
     shapes = _shape_names(result)
