@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .backend import ENABLE_HINT, interpreter_active
 from .configs import TUNED_KIND, default_config, fit_to_dtype
 from .fused_moe import fused_moe
 
@@ -184,6 +185,11 @@ def main(argv=None) -> int:
         return 2
     if any(t < 1 for t in args.tokens):
         p.error(f"--tokens must be >= 1, got {args.tokens}")
+    if args.limit < 1:
+        p.error(f"--limit must be >= 1 (the default config is always the first), got {args.limit}")
+    if device.type != "cuda" and not interpreter_active():
+        print(f"on {device} the kernels run only under Triton's interpreter: {ENABLE_HINT}")
+        return 2
     path = Path(args.out) / "tuned.json"
     result = tune([SHAPES[s] for s in args.shapes], args.tokens, dtype=DTYPES[args.dtype], device=device,
                   limit=args.limit, time_limit_s=args.time_limit, on_progress=lambda r: write_json(r, path))

@@ -210,14 +210,19 @@ def gpu_main(args) -> int:
     cap = args.cap_ms or (150.0 if args.quick else 1000.0)
     timer = bg.Timer(device, mode=args.timer, budget_ms=budget, min_reps=3 if args.quick else 5,
                      max_reps=20 if args.quick else 100)
-    out = Path(args.out or "build/bench-gpu")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gpu.json"
     tuned = []
     for f in args.tuned:  # registered before the sweep: the triton provider picks its configs from them
         from .kernels.configs import load_tuned_configs
 
-        tuned.append(dict(file=str(f), tables=load_tuned_configs(f)))
+        try:
+            tuned.append(dict(file=str(f), tables=load_tuned_configs(f)))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"--tuned {f}: cannot use it: {type(e).__name__}: {e}")
+            return 2
+
+    out = Path(args.out or "build/bench-gpu")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu.json"
 
     def stamp(msg: str) -> None:
         print(f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -269,6 +269,8 @@ def test_tuned_tables_are_loaded_and_recorded(tmp_path, monkeypatch):
         TUNED_CONFIGS.pop("Test GPU", None)
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert res["settings"]["tuned_configs"] == [dict(file=str(tuned), tables=1)]
+    for bad in (tmp_path / "missing.json", tmp_path / "gpu.json"):  # absent; not a tuned-config file
+        assert bench.main(["--gpu", "--device", "cpu", "--tuned", str(bad), "--out", str(tmp_path / "x")]) == 2
 
 
 def test_graph_replayer_captures_once_per_inputs_and_replays(monkeypatch):

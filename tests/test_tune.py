@@ -155,3 +155,15 @@ def test_tune_without_cuda_says_so(capsys):
         pytest.skip("a CUDA device is present")
     assert tune.main(["--shapes", "mixtral"]) == 2
     assert "use --device cpu" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_arguments(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        tune.main(["--device", "cpu", "--limit", "0"])
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune.main(["--device", "cpu", "--tokens", "0"])
+    assert "--tokens must be >= 1" in capsys.readouterr().err
+    monkeypatch.setattr(tune, "interpreter_active", lambda: False)  # as if TRITON_INTERPRET were not set
+    assert tune.main(["--device", "cpu"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().out
