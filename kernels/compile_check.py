@@ -71,8 +71,8 @@ def _gemm_values(kernel_name: str, D: int, F: int) -> dict:
     if kernel_name == "_gate_up_kernel":
         return dict(D=D, F=F, top_k=2, stride_xt=D, stride_xd=1, stride_we=2 * F * D, stride_wn=D, stride_wd=1,
                     stride_am=F, stride_af=1)
-    return dict(N=D, F=F, stride_am=F, stride_af=1, stride_we=D * F, stride_wn=F, stride_wf=1, stride_os=D,
-                stride_on=1)
+    return dict(N=D, F=F, stride_am=F, stride_af=1, stride_we=D * F, stride_wn=F, stride_wf=1, stride_op=17 * D,
+                stride_os=D, stride_on=1, k_per_split=F)
 
 
 HOPPER_SMEM_PER_BLOCK = 232448  # bytes a block may use on H100/H200 (227 KiB)
@@ -111,8 +111,15 @@ def compile_all(arch: int = 90, quick: bool = False, candidates: bool = False, l
         for kernel, c in ((fm._gate_up_kernel, first), (fm._down_kernel, second)):
             consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                           GROUP_M=c["GROUP_M"], UPCAST=False, IEEE_FP32=dt == "fp32")
-            build(kernel, _gemm_sig(kernel, dt), consts, c["num_warps"], c["num_stages"],
-                  _gemm_values(kernel.fn.__name__, D, F))
+            sig, values = _gemm_sig(kernel, dt), _gemm_values(kernel.fn.__name__, D, F)
+            if kernel is fm._down_kernel:
+                split = fm.split_k(c, F)
+                consts["SPLIT_K"] = split
+                if split > 1:  # fp32 partial sums; each chunk of F a multiple of BLOCK_K
+                    sig = dict(sig, slot_out_ptr="*fp32")
+                    per = (F + split - 1) // split
+                    values["k_per_split"] = (per + c["BLOCK_K"] - 1) // c["BLOCK_K"] * c["BLOCK_K"]
+            build(kernel, sig, consts, c["num_warps"], c["num_stages"], values)
 
     dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]
     tokens = [1, 16384] if quick else [1, 300, 2000, 16384]
@@ -121,8 +128,9 @@ def compile_all(arch: int = 90, quick: bool = False, candidates: bool = False, l
         for T in tokens:  # Mixtral shape: one config per token-count bucket
             build_gemms(get_config(T, 8, 2, 4096, 14336, names[dt]), dt)
         build(fm._combine_kernel, {"slot_out_ptr": "*" + dt, "topk_ids_ptr": "*i64", "y_ptr": "*" + dt,
-                                   "D": "i32", "stride_os": "i32", "stride_yt": "i32"}, dict(TOP_K=8, BLOCK_D=1024),
-              values=dict(D=4096, stride_os=4096, stride_yt=4096))
+                                   "D": "i32", "stride_op": "i32", "stride_os": "i32", "stride_yt": "i32"},
+              dict(TOP_K=8, SPLIT_K=1, BLOCK_D=1024), values=dict(D=4096, stride_op=17 * 4096, stride_os=4096,
+                                                                     stride_yt=4096))
     for sigmoid in ((False,) if quick else (False, True)):
         build(tg._topk_gating_kernel, {"logits_ptr": "*fp32", "ids_ptr": "*i64", "weights_ptr": "*fp32",
                                        "num_tokens": "i32", "num_experts": "i32", "stride_lt": "i32"},

@@ -7,7 +7,9 @@ A config is a dict:
   BLOCK_K      reduction step
   GROUP_M      M-blocks walked together before moving along N (L2 reuse of weight tiles)
   num_warps, num_stages   Triton launch options
-  "down":      optional dict overriding BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages for the second GEMM
+  "down":      optional dict overriding BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages for the second GEMM,
+               and its SPLIT_K (default 1): the reduction over F cut into chunks, one program each, partial
+               sums added by the combine (more programs when few experts are hit; a tuning candidate)
 Decode-sized batches (few rows per expert) are bound by reading the expert weights: they get
 BLOCK_M=16 so little work is spent on padding rows, and deep pipelines to stream weights.
 Prefill-sized batches are bound by the tensor cores: they get 64/128-row tiles.
@@ -56,8 +58,12 @@ def check_config(cfg: dict, name: str = "config") -> None:
             raise ValueError(f"{name}[{k!r}] must be a power of two >= 16 (tl.dot tiles), got {v!r}")
     down = cfg.get("down", {})
     for k, v in down.items():
+        if k == "SPLIT_K":
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}['down']['SPLIT_K'] must be an int >= 1, got {v!r}")
+            continue
         if k not in CONFIG_KEYS or k == "BLOCK_M":
-            raise ValueError(f"{name}['down'] may override {CONFIG_KEYS[1:]}, got {k!r}")
+            raise ValueError(f"{name}['down'] may override {CONFIG_KEYS[1:]} and set SPLIT_K, got {k!r}")
         if k in ("BLOCK_N", "BLOCK_K") and (not isinstance(v, int) or v < 16 or v & (v - 1)):
             raise ValueError(f"{name}['down'][{k!r}] must be a power of two >= 16, got {v!r}")
 

@@ -8,8 +8,11 @@ P = max_padded grouped rows (see align.py), BLOCK_M/N/K tile sizes.
      epilogue applies SwiGLU and writes act [P, F] in grouped order.
   2. _down_kernel: act x w2[e]^T, times the slot's gate weight in the epilogue, written to the
      slot's own row of slot_out [S, D] (every slot has one row: no atomics, no races).
-  3. _combine_kernel: y[t] = sum over k of slot_out[t*K + k] in fp32, in a fixed order
-     (deterministic); dropped slots (id -1) are skipped.
+     With SPLIT_K > 1 the reduction over F is cut into SPLIT_K chunks, each program writes its
+     partial sum to its own plane of slot_out [SPLIT_K, S, D] (fp32): more programs when few
+     experts are hit (decode), still no atomics.
+  3. _combine_kernel: y[t] = sum over k (and over the split planes) of slot_out[., t*K + k] in fp32,
+     in a fixed order (deterministic); dropped slots (id -1) are skipped.
 fp32 accumulation throughout. Row offsets are computed in int64, since S*D and E*2F*D exceed
 2^31 at real sizes. Nothing reads a device value on the host, so the whole forward can be
 captured in a CUDA graph.
@@ -112,7 +115,7 @@ def _down_kernel(
     act_ptr,  # [P, F] SwiGLU activations in grouped order
     w2_ptr,  # [E, D, F] expert down projections
     topk_weights_ptr,  # [S] fp32 gate weight of each slot
-    slot_out_ptr,  # [S, D] out: weighted expert output of each slot
+    slot_out_ptr,  # [SPLIT_K, S, D] out: weighted expert output of each slot (partial sums if SPLIT_K > 1)
     sorted_slot_ids_ptr,  # [P] int32 slot of each grouped row; S = padding
     expert_ids_ptr,  # [P // BLOCK_M] int32 expert of each M-block; -1 = skip
     num_padded_ptr,  # [1] int32 grouped rows in use
@@ -122,11 +125,13 @@ def _down_kernel(
     num_m_blocks,  # P // BLOCK_M
     stride_am, stride_af,  # act strides
     stride_we, stride_wn, stride_wf,  # w2 strides (expert, output row, reduction)
-    stride_os, stride_on,  # slot_out strides
+    stride_op, stride_os, stride_on,  # slot_out strides (split plane, slot, column)
+    k_per_split,  # columns of F per split (a multiple of BLOCK_K; F when SPLIT_K = 1)
     BLOCK_M: tl.constexpr,  # rows per tile (= alignment of the plan)
     BLOCK_N: tl.constexpr,  # columns of D per tile
     BLOCK_K: tl.constexpr,  # reduction step over F
     GROUP_M: tl.constexpr,  # M-blocks per L2 group
+    SPLIT_K: tl.constexpr,  # chunks of the reduction over F, one per program along grid axis 1
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter)
     IEEE_FP32: tl.constexpr,  # fp32 inputs: full-precision dot instead of TF32
 ):
@@ -141,12 +146,14 @@ def _down_kernel(
     row_ok = slot < num_slots
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] columns of D
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    k_start = tl.program_id(1) * k_per_split  # this program's chunk of F: [k_start, k_end)
+    k_end = tl.minimum(k_start + k_per_split, F)
+    offs_k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
     a_ptrs = act_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_af
     w_ptrs = w2_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wf
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        k_ok = offs_k < F - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = offs_k < k_end - (k0 - k_start)
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
         if UPCAST:
@@ -158,20 +165,23 @@ def _down_kernel(
         a_ptrs += BLOCK_K * stride_af
         w_ptrs += BLOCK_K * stride_wf
     gate = tl.load(topk_weights_ptr + slot, mask=row_ok, other=0.0)  # [BLOCK_M] fp32
-    acc = acc * gate[:, None]  # gate weight in the epilogue
-    out = slot_out_ptr + slot.to(tl.int64)[:, None] * stride_os + offs_n[None, :] * stride_on
+    acc = acc * gate[:, None]  # gate weight in the epilogue (linear: partial sums may take it too)
+    out = slot_out_ptr + tl.program_id(1).to(tl.int64) * stride_op + slot.to(tl.int64)[:, None] * stride_os \
+        + offs_n[None, :] * stride_on
     tl.store(out, acc.to(slot_out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _combine_kernel(
-    slot_out_ptr,  # [S, D] weighted expert output of each slot
+    slot_out_ptr,  # [SPLIT_K, S, D] weighted expert output (partial sums) of each slot
     topk_ids_ptr,  # [S] expert of each slot; -1 = dropped (its slot_out row was never written)
-    y_ptr,  # [T, D] out: sum over the K slots of each token
+    y_ptr,  # [T, D] out: sum over the K slots (and the split planes) of each token
     D,  # d_model
+    stride_op,  # slot_out split-plane stride
     stride_os,  # slot_out row stride
     stride_yt,  # y row stride
     TOP_K: tl.constexpr,  # K
+    SPLIT_K: tl.constexpr,  # split planes of slot_out (1: a plain [S, D])
     BLOCK_D: tl.constexpr,  # columns per program
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -182,8 +192,9 @@ def _combine_kernel(
         s = t * TOP_K + k
         kept = (tl.zeros([BLOCK_D], dtype=tl.int64) + tl.load(topk_ids_ptr + s)) >= 0  # [BLOCK_D] (a vector:
         # the interpreter rejects a scalar-and-vector mask)
-        v = tl.load(slot_out_ptr + s * stride_os + offs_d, mask=d_ok & kept, other=0.0)
-        acc += v.to(tl.float32)
+        for p in tl.static_range(SPLIT_K):
+            v = tl.load(slot_out_ptr + p * stride_op + s * stride_os + offs_d, mask=d_ok & kept, other=0.0)
+            acc += v.to(tl.float32)
     tl.store(y_ptr + t * stride_yt + offs_d, acc.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -204,13 +215,17 @@ def _launch_opts(cfg: dict) -> dict:
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _launch(kernel, grid, args: tuple, cfg: dict, flags: dict) -> None:
+class TileConfigShrunk(UserWarning):
+    """A launch ran with fewer pipeline stages or a smaller BLOCK_K than its config asked for (shared memory)."""
+
+
+def _launch(kernel, grid, args: tuple, cfg: dict, flags: dict, **consts) -> None:
     """Launch; if the GPU lacks shared memory for the config (compile-time OutOfResources, so only on a
     first call), retry with fewer pipeline stages, then a smaller BLOCK_K, and warn once."""
     opts = _launch_opts(cfg)
     while True:
         try:
-            kernel[grid](*args, **opts, **flags)
+            kernel[grid](*args, **opts, **flags, **consts)
             return
         except OutOfResources as exc:
             if opts["num_stages"] > 1:
@@ -220,7 +235,7 @@ def _launch(kernel, grid, args: tuple, cfg: dict, flags: dict) -> None:
             else:
                 raise
             warnings.warn(f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: {exc}; retrying with "
-                          f"num_stages={opts['num_stages']}, BLOCK_K={opts['BLOCK_K']}", stacklevel=3)
+                          f"num_stages={opts['num_stages']}, BLOCK_K={opts['BLOCK_K']}", TileConfigShrunk, stacklevel=3)
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, plan: AlignedPlan, cfg: dict) -> torch.Tensor:
@@ -241,33 +256,47 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, plan: AlignedPlan, cfg: dict) ->
 
 def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, plan: AlignedPlan,
          cfg: dict) -> torch.Tensor:
-    """slot_out [S, D] = gate weight * (act @ w2[e]^T), one row per slot (rows of dropped slots unset)."""
+    """slot_out [S, D] = gate weight * (act @ w2[e]^T), one row per slot (rows of dropped slots unset).
+
+    With cfg["SPLIT_K"] = n > 1: fp32 partial sums [n, S, D] over n chunks of F (combine adds them up)."""
     D, F = w2.shape[1], w2.shape[2]
     S = plan.sentinel
-    slot_out = torch.empty(S, D, dtype=act.dtype, device=act.device)  # [S, D]
+    split = split_k(cfg, F)
+    slot_out = torch.empty(split, S, D, dtype=act.dtype if split == 1 else torch.float32,
+                           device=act.device)  # [SPLIT_K, S, D]
     weights = topk_weights.reshape(-1).float().contiguous()  # [S]
     num_m = plan.max_padded // plan.block_m
-    if num_m == 0:
-        return slot_out
-    grid = (num_m * triton.cdiv(D, cfg["BLOCK_N"]),)
-    args = (act, w2, weights, slot_out, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, S, D, F, num_m,
-            act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-            slot_out.stride(0), slot_out.stride(1))
-    _launch(_down_kernel, grid, args, cfg, _kernel_flags(act.dtype))
-    return slot_out
+    if num_m > 0:
+        k_per_split = triton.cdiv(triton.cdiv(F, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        grid = (num_m * triton.cdiv(D, cfg["BLOCK_N"]), split)
+        args = (act, w2, weights, slot_out, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, S, D, F, num_m,
+                act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+                slot_out.stride(0), slot_out.stride(1), slot_out.stride(2), k_per_split)
+        _launch(_down_kernel, grid, args, cfg, _kernel_flags(act.dtype), SPLIT_K=split)
+    return slot_out[0] if split == 1 else slot_out
+
+
+def split_k(cfg: dict, F: int) -> int:
+    """The config's SPLIT_K, capped so that every chunk of F holds at least one BLOCK_K step."""
+    n = int(cfg.get("SPLIT_K", 1))
+    return max(1, min(n, triton.cdiv(F, cfg["BLOCK_K"]))) if F > 0 else 1
 
 
 def combine(slot_out: torch.Tensor, topk_ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """y [T, D] = sum over k of slot_out[t*K + k] (fp32 sum, dropped slots skipped)."""
+    """y [T, D] = sum over k of slot_out[t*K + k] (fp32 sum, dropped slots skipped).
+
+    slot_out is [S, D], or [SPLIT_K, S, D] partial sums from a split down(): summed too, in a fixed order."""
     T, K = topk_ids.shape
-    D = slot_out.shape[1]
+    planes = slot_out if slot_out.dim() == 3 else slot_out.unsqueeze(0)  # [SPLIT_K, S, D]
+    D = planes.shape[2]
     y = torch.empty(T, D, dtype=out_dtype, device=slot_out.device)
     if T == 0 or D == 0:
         return y.zero_()
     ids = topk_ids.reshape(-1).contiguous()  # [S]
     block_d = min(1024, triton.next_power_of_2(D))
-    _combine_kernel[(T, triton.cdiv(D, block_d))](slot_out, ids, y, D, slot_out.stride(0), y.stride(0),
-                                                 TOP_K=K, BLOCK_D=block_d, num_warps=4)
+    _combine_kernel[(T, triton.cdiv(D, block_d))](planes, ids, y, D, planes.stride(0), planes.stride(1),
+                                                 y.stride(0), TOP_K=K, SPLIT_K=planes.shape[0], BLOCK_D=block_d,
+                                                 num_warps=4)
     return y
 
 
@@ -351,6 +380,8 @@ def down_torch(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, 
 def combine_torch(slot_out: torch.Tensor, topk_ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Reference of combine."""
     T, K = topk_ids.shape
+    if slot_out.dim() == 3:  # [SPLIT_K, S, D] partial sums of a split down()
+        slot_out = slot_out.float().sum(0)
     v = slot_out.float().view(T, K, -1)  # [T, K, D]
     v = torch.where((topk_ids >= 0).unsqueeze(-1), v, torch.zeros((), device=v.device))  # unset rows may hold NaN
     return v.sum(1).to(out_dtype)

@@ -26,13 +26,29 @@ from pathlib import Path
 import torch
 
 from .backend import ENABLE_HINT, interpreter_active
-from .configs import TUNED_KIND, default_config, fit_to_dtype
-from .fused_moe import fused_moe
+from .configs import TUNED_KIND, default_config, fit_to_dtype, split_config
+from .fused_moe import TileConfigShrunk, fused_moe
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) tried at each BLOCK_M; few rows per expert: weight streaming
 _SMALL_TILES = ((32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3))
 _LARGE_TILES = ((64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3))
 AGREE_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}  # vs the default's output
+SM_PROGRAMS = 264  # two waves of 132 SMs (H100/H200): a second GEMM with fewer programs leaves SMs idle
+
+
+def split_k_for(cfg: dict, T: int, E: int, K: int, D: int, F: int) -> int:
+    """A SPLIT_K worth trying for cfg's second GEMM: 1 unless its programs (hit experts x N-tiles, one
+    M-block each at decode) fill fewer than SM_PROGRAMS and F is long enough for >= 4 BLOCK_K steps per
+    chunk; then the power of two that brings the programs to SM_PROGRAMS, at most 8."""
+    second = split_config(cfg)[1]
+    programs = min(E, T * K) * -(-D // second["BLOCK_N"])
+    steps = -(-F // second["BLOCK_K"])
+    if programs >= SM_PROGRAMS or steps < 8:
+        return 1
+    n = 1
+    while n * programs < SM_PROGRAMS:
+        n *= 2
+    return max(1, min(n, 8, steps // 4))
 
 
 def _key(cfg: dict) -> str:
@@ -40,7 +56,8 @@ def _key(cfg: dict) -> str:
 
 
 def candidate_configs(T: int, E: int, K: int, D: int, F: int, element_size: int = 2, limit: int = 8) -> list[dict]:
-    """The configs tried at T: the untuned default first, then tiles around it, fitted to shared memory."""
+    """The configs tried at T: the untuned default first, then (decode, few programs) the default with a split
+    second GEMM, then tiles around it; all fitted to shared memory."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     r = T * K / max(E, 1)
@@ -48,6 +65,9 @@ def candidate_configs(T: int, E: int, K: int, D: int, F: int, element_size: int 
     tiles = _SMALL_TILES if r <= 64 else _LARGE_TILES
     group_m = 1 if r <= 16 else 8
     raw = [default_config(T, E, K, D, F)]
+    split = split_k_for(fit_to_dtype(raw[0], element_size), T, E, K, D, F) if r <= 16 else 1
+    if split > 1:  # decode with few programs in the second GEMM: the default with its reduction split
+        raw.append(dict(raw[0], down=dict(raw[0].get("down", {}), SPLIT_K=split)))
     for bn, bk, warps, stages in tiles:  # tiles outside, BLOCK_M inside: a short limit still tries both BLOCK_M
         for bm in block_ms:
             raw.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages))
@@ -126,12 +146,13 @@ def _trial(T: int, cfg: dict, is_default: bool, x, ids, wts, w13, w2, y_check, r
     try:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", TileConfigShrunk)
             y = fused_moe(x, ids, wts, w13, w2, config=cfg)  # [T, D]; compiles on the first use of cfg
             timer.sync()
         trial["first_call_s"] = time.perf_counter() - t0
-        if caught:  # the launcher shrank the config to fit shared memory: what ran is not cfg
-            return dict(trial, status="shrunk", reason="; ".join(str(w.message)[:200] for w in caught))
+        shrunk = [w for w in caught if issubclass(w.category, TileConfigShrunk)]
+        if shrunk:  # the launcher shrank the config to fit shared memory: what ran is not cfg
+            return dict(trial, status="shrunk", reason="; ".join(str(w.message)[:200] for w in shrunk))
         trial["max_rel_err"] = _rel_err(y, y_check)
         if trial["max_rel_err"] > rtol:
             return dict(trial, status="wrong", reason=f"max rel err {trial['max_rel_err']:.2e} > {rtol:.0e}")

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import moe_ref
 import moe_ref.kernels as mk
 from helpers import assert_close, hand_routing, make_case
+from moe_ref.kernels.configs import split_config
 
 pytestmark = pytest.mark.skipif(not mk.interpreter_active(),
                                 reason="CPU interpreter tests: need TRITON_INTERPRET=1 (set by conftest); "
@@ -203,6 +204,47 @@ def test_each_kernel_matches_its_torch_reference(dtype):
     assert_close(slot_out[kept].float(), out_ref[kept].float(), dtype=dtype, msg="down")
     y = mk.combine(out_ref, ids, dtype)
     torch.testing.assert_close(y.float(), mk.combine_torch(out_ref, ids, dtype).float(), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------ split-K second GEMM
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("F,split", [(100, 3), (100, 8), (22, 4), (48, 3), (33, 1)])
+def test_split_k_down_matches_reference(F, split, dtype):
+    """down() with SPLIT_K: fp32 partial sums per chunk of F (each a multiple of BLOCK_K, the last one short;
+    SPLIT_K capped at the number of BLOCK_K steps), summed by combine in a fixed order."""
+    T, D, E, K = 19, 33, 4, 2
+    layer, x = make_case(T, D, F, E, K, dtype=dtype, seed=F + split)
+    r = layer.route(x)
+    ids = r.topk_ids.clone()
+    ids[2, 0] = -1  # a dropped slot: no plane holds its row, combine skips it
+    base = dict(mk.get_config(T, E, K, D, F, interpreter=True), BLOCK_K=16)
+    cfg = dict(base, down={"SPLIT_K": split})
+    plan = mk.align_block_size(ids, E, cfg["BLOCK_M"])
+    act = mk.gate_up_torch(x, layer.w13, plan)
+    planes = mk.down(act, layer.w2, r.topk_weights, plan, split_config(cfg)[1])
+    n = min(split, -(-F // 16))  # the cap: no more chunks than BLOCK_K steps
+    assert planes.shape == ((T * K, D) if n == 1 else (n, T * K, D))
+    assert planes.dtype == (dtype if n == 1 else torch.float32)
+    ref = mk.down_torch(act, layer.w2, r.topk_weights, plan).float()  # [S, D]
+    kept = (ids >= 0).reshape(-1)
+    summed = planes.float() if n == 1 else planes.sum(0)
+    assert_close(summed[kept], ref[kept], dtype=dtype, msg=f"down split {split}")
+    y = mk.combine(planes, ids, dtype)
+    assert torch.equal(y, mk.combine(planes, ids, dtype))  # deterministic
+    torch.testing.assert_close(y.float(), mk.combine_torch(planes, ids, dtype).float(), rtol=1e-3, atol=1e-3)
+    full = mk.fused_moe(x, ids, r.topk_weights, layer.w13, layer.w2, config=cfg)
+    r_drop = moe_ref.Routing(ids, r.topk_weights)
+    assert_close(full, reference(layer, x, r_drop), dtype=dtype, msg=f"fused_moe split {split}")
+
+
+def test_split_k_config_is_checked():
+    cfg = mk.get_config(8, 4, 2, 64, 64, interpreter=True)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="SPLIT_K"):
+            split_config(dict(cfg, down={"SPLIT_K": bad}))
+    assert split_config(dict(cfg, down={"SPLIT_K": 4}))[1]["SPLIT_K"] == 4
+    assert "SPLIT_K" not in split_config(dict(cfg, down={"SPLIT_K": 4}))[0]  # the first GEMM has no split
 
 
 # ------------------------------------------------------------------------ fused_moe vs reference
