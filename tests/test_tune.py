@@ -182,6 +182,7 @@ def test_cli_rejects_bad_arguments(capsys, monkeypatch):
     assert "TRITON_INTERPRET=1" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:numpy says something:DeprecationWarning")
 def test_a_shrunk_config_is_not_kept_and_other_warnings_do_not_matter(monkeypatch):
     """If the launcher had to shrink a config (shared memory), what ran was not that config: not kept.
     Unrelated warnings (numpy deprecations inside an older Triton interpreter) change nothing."""
