@@ -168,7 +168,8 @@ def main(argv=None) -> int:
                    help="skip a provider whose estimated time per call passes this (default 150 quick, 1000)")
     g.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped, recorded")
     g.add_argument("--device", default="cuda", help="'cpu' runs the device sweep on the CPU (a dry run)")
-    g.add_argument("--plot", default=None, metavar="JSON", help="only redraw the charts of a saved device result")
+    g.add_argument("--plot", default=None, metavar="JSON",
+                   help="only redraw the charts of a saved device result (gpu.json) or tuning file (tuned.json)")
     g.add_argument("--tuned", nargs="+", default=[], metavar="JSON",
                    help="tile-config tables from `python -m moe_ref.kernels.tune` for the triton provider")
     args = p.parse_args(argv)
@@ -267,6 +268,14 @@ def plot_main(path: Path, out: Path | None) -> int:
     if not _have_matplotlib():
         print("the charts need matplotlib: pip install matplotlib (or the moe_ref[notebooks] extra)")
         return 2
+    if result.get("kind") == "moe_ref tuned configs":  # a tuning file (moe_ref.kernels.tune): its one chart
+        from .plots import plot_tuning
+
+        dest = (out or path.parent) / (path.stem + ".png")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        plot_tuning(result).savefig(dest, dpi=120, bbox_inches="tight")
+        print(f"wrote {dest}")
+        return 0
     for pth in bg.write_charts(result, out or path.parent):
         print(f"wrote {pth}")
     return 0

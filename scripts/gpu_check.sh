@@ -147,7 +147,7 @@ step bench "$BENCH_LIMIT" "$PY" -m moe_ref.bench --gpu $MODE --out "$OUT" --time
 
 # 7. charts from whatever JSON exists (the bench draws them itself when it finishes)
 if ! "$PY" -c "import matplotlib" 2>/dev/null; then
-    stamp "no matplotlib for $PY: charts skipped (redraw them from gpu.json: python -m moe_ref.bench --plot gpu.json)"
+    stamp "no matplotlib for $PY: charts skipped (redraw them elsewhere: python -m moe_ref.bench --plot gpu.json; and --plot tuned.json)"
 elif [ -f "$OUT/gpu.json" ] && [ ! -f "$OUT/gpu_roofline.png" ]; then
     step charts 30 "$PY" -m moe_ref.bench --plot "$OUT/gpu.json"
 fi

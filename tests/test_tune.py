@@ -132,6 +132,11 @@ def test_written_file_is_what_get_config_uses(tmp_path, clean_tables):
     else:
         assert not (out / "tuned.png").exists()
     (entry,) = data["entries"]
+    if importlib.util.find_spec("matplotlib"):  # the chart can be redrawn from the JSON alone
+        from moe_ref import bench
+
+        assert bench.main(["--plot", str(out / "tuned.json"), "--out", str(tmp_path / "redraw")]) == 0
+        assert (tmp_path / "redraw" / "tuned.png").read_bytes()[:4] == b"\x89PNG"
     assert configs.load_tuned_configs(out / "tuned.json") == 1
     dev = data["machine"]["device"]
     got = mk.get_config(2, entry["E"], entry["K"], entry["D"], entry["F"], "float32", dev)
