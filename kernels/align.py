@@ -16,6 +16,7 @@ skipped. Every buffer has a size known from shapes alone, so nothing waits for t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from moe_ref.grouping import group_by_expert
 
-from .backend import require_backend
+from .backend import cdiv, next_pow2, require_backend
 
 
 @dataclass
@@ -189,9 +190,9 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     flat = topk_ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    block_e = triton.next_power_of_2(E)
+    block_e = next_pow2(E)
     block_s = _chunk_size(block_e)
-    num_chunks = triton.cdiv(S, block_s)
+    num_chunks = cdiv(S, block_s)
     rank = torch.empty(S, dtype=torch.int32, device=dev)  # [S]
     chunk_counts = torch.empty(E, num_chunks, dtype=torch.int32, device=dev)  # [E, chunks]
     chunk_offsets = torch.empty_like(chunk_counts)  # [E, chunks]
@@ -200,9 +201,9 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     _count_kernel[(num_chunks,)](flat, rank, chunk_counts, S, num_chunks, E,
                                  BLOCK_S=block_s, BLOCK_E=block_e, num_warps=8 if block_s * block_e > 2048 else 4)
     _scan_kernel[(E,)](chunk_counts, chunk_offsets, counts, num_chunks,
-                       BLOCK_C=min(1024, triton.next_power_of_2(num_chunks)))
+                       BLOCK_C=min(1024, next_pow2(num_chunks)))
     block_b = 64
-    _offsets_kernel[(triton.cdiv(num_blocks, block_b),)](counts, expert_start, expert_ids, num_padded, E,
+    _offsets_kernel[(cdiv(num_blocks, block_b),)](counts, expert_start, expert_ids, num_padded, E,
                                                          num_blocks, BLOCK_M=block_m, BLOCK_E=block_e,
                                                          BLOCK_B=block_b)
     _scatter_kernel[(num_chunks,)](flat, rank, chunk_offsets, expert_start, sorted_ids, S, num_chunks,
@@ -217,11 +218,22 @@ def align_single_token(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     if T != 1:
         raise ValueError(f"align_single_token needs T=1, got topk_ids {tuple(topk_ids.shape)}")
     dev = topk_ids.device
-    sorted_ids = torch.full((K, block_m), K, dtype=torch.int32, device=dev)  # [K, BLOCK_M] sentinel K
-    sorted_ids[:, 0] = torch.arange(K, dtype=torch.int32, device=dev)  # slot k leads block k
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    # inside a CUDA-graph capture the fill kernels only run at replay: never cache tensors made there
+    rows = _single_token_rows.__wrapped__ if capturing else _single_token_rows
+    sorted_ids, num_padded = rows(K, block_m, dev)
     expert_ids = topk_ids.reshape(K).to(torch.int32)  # [K]; -1 (dropped) blocks are skipped by the GEMMs
-    num_padded = torch.full((1,), K * block_m, dtype=torch.int32, device=dev)
-    return AlignedPlan(sorted_ids.reshape(-1), expert_ids, num_padded, block_m, 1, K)
+    return AlignedPlan(sorted_ids, expert_ids, num_padded, block_m, 1, K)
+
+
+@functools.lru_cache(maxsize=64)
+def _single_token_rows(K: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T=1 plan's rows, the same for every token: made once per (K, BLOCK_M, device), only ever read.
+
+    sorted_ids [K*BLOCK_M]: slot k leads block k, the rest is the sentinel K; num_padded [1] = K*BLOCK_M."""
+    sorted_ids = torch.full((K, block_m), K, dtype=torch.int32, device=device)  # [K, BLOCK_M] sentinel K
+    sorted_ids[:, 0] = torch.arange(K, dtype=torch.int32, device=device)  # slot k leads block k
+    return sorted_ids.reshape(-1), torch.full((1,), K * block_m, dtype=torch.int32, device=device)
 
 
 # -------------------------------------------------------------------------------- torch reference

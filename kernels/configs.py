@@ -22,6 +22,7 @@ as vLLM does with its per-GPU JSON configs.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -89,11 +90,40 @@ def get_config(T: int, E: int, K: int, D: int, F: int, dtype_name: str = "bfloat
     """The config for T tokens: a tuned table entry (nearest T, log scale) when one exists, else default_config."""
     if interpreter:
         return dict(INTERPRETER_CONFIG)
-    table = TUNED_CONFIGS.get(device_name or "", {}).get((E, D, F, dtype_name))
-    if table:
-        nearest = min(table, key=lambda t: (abs(math.log(max(t, 1)) - math.log(max(T, 1))), t))
-        return copy.deepcopy(table[nearest])
+    entry = tuned_entry(T, E, D, F, dtype_name, device_name)
+    if entry is not None:
+        return copy.deepcopy(entry)
     return fit_to_dtype(default_config(T, E, K, D, F), 4 if dtype_name == "float32" else 2)
+
+
+def tuned_entry(T: int, E: int, D: int, F: int, dtype_name: str, device_name: str | None) -> dict | None:
+    """The registered config nearest to T (log scale) for this GPU, shape and dtype (not a copy), or None."""
+    table = TUNED_CONFIGS.get(device_name or "", {}).get((E, D, F, dtype_name))
+    if not table:
+        return None
+    return table[min(table, key=lambda t: (abs(math.log(max(t, 1)) - math.log(max(T, 1))), t))]
+
+
+def launch_configs(T: int, E: int, K: int, D: int, F: int, dtype_name: str, device_name: str | None,
+                   interpreter: bool) -> tuple[dict, dict]:
+    """(first GEMM options, second GEMM options) = split_config(get_config(...)), without the copies and
+    checks on every call: the launchers' fast path (shared dicts: never mutate them)."""
+    if interpreter:
+        return _split_cached(tuple(sorted(INTERPRETER_CONFIG.items())))
+    entry = tuned_entry(T, E, D, F, dtype_name, device_name)
+    if entry is not None:
+        return split_config(entry)
+    return _default_split(T, E, K, D, F, 4 if dtype_name == "float32" else 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_split(T: int, E: int, K: int, D: int, F: int, element_size: int) -> tuple[dict, dict]:
+    return split_config(fit_to_dtype(default_config(T, E, K, D, F), element_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _split_cached(items: tuple) -> tuple[dict, dict]:
+    return split_config(dict(items))
 
 
 # shared memory a config may plan for (H100/H200 allow 227 KiB per block; leave room for the compiler)

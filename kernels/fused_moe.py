@@ -31,8 +31,8 @@ from triton.runtime.errors import OutOfResources
 from moe_ref.reference import check_weights, swiglu
 
 from .align import AlignedPlan, align_block_size, align_single_token
-from .backend import interpreter_active, require_backend
-from .configs import get_config, split_config
+from .backend import cdiv, interpreter_active, next_pow2, require_backend
+from .configs import get_config, launch_configs, split_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -246,7 +246,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, plan: AlignedPlan, cfg: dict) ->
     num_m = plan.max_padded // plan.block_m
     if num_m == 0:
         return act
-    grid = (num_m * triton.cdiv(F, cfg["BLOCK_N"]),)
+    grid = (num_m * cdiv(F, cfg["BLOCK_N"]),)
     args = (x, w13, act, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, plan.sentinel, plan.top_k,
             D, F, num_m, x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
             act.stride(0), act.stride(1))
@@ -267,8 +267,8 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, plan: 
     weights = topk_weights.reshape(-1).float().contiguous()  # [S]
     num_m = plan.max_padded // plan.block_m
     if num_m > 0:
-        k_per_split = triton.cdiv(triton.cdiv(F, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        grid = (num_m * triton.cdiv(D, cfg["BLOCK_N"]), split)
+        k_per_split = cdiv(cdiv(F, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        grid = (num_m * cdiv(D, cfg["BLOCK_N"]), split)
         args = (act, w2, weights, slot_out, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, S, D, F, num_m,
                 act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
                 slot_out.stride(0), slot_out.stride(1), slot_out.stride(2), k_per_split)
@@ -279,7 +279,7 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, plan: 
 def split_k(cfg: dict, F: int) -> int:
     """The config's SPLIT_K, capped so that every chunk of F holds at least one BLOCK_K step."""
     n = int(cfg.get("SPLIT_K", 1))
-    return max(1, min(n, triton.cdiv(F, cfg["BLOCK_K"]))) if F > 0 else 1
+    return max(1, min(n, cdiv(F, cfg["BLOCK_K"]))) if F > 0 else 1
 
 
 def combine(slot_out: torch.Tensor, topk_ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -293,8 +293,8 @@ def combine(slot_out: torch.Tensor, topk_ids: torch.Tensor, out_dtype: torch.dty
     if T == 0 or D == 0:
         return y.zero_()
     ids = topk_ids.reshape(-1).contiguous()  # [S]
-    block_d = min(1024, triton.next_power_of_2(D))
-    _combine_kernel[(T, triton.cdiv(D, block_d))](planes, ids, y, D, planes.stride(0), planes.stride(1),
+    block_d = min(1024, next_pow2(D))
+    _combine_kernel[(T, cdiv(D, block_d))](planes, ids, y, D, planes.stride(0), planes.stride(1),
                                                  y.stride(0), TOP_K=K, SPLIT_K=planes.shape[0], BLOCK_D=block_d,
                                                  num_warps=4)
     return y
@@ -333,8 +333,12 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     With return_plan=True returns (y, AlignedPlan)."""
     E, D, F = check_inputs(x, topk_ids, topk_weights, w13, w2)
     T, K = topk_ids.shape
-    cfg = config if config is not None else pick_config(x, E, K, F)
-    first, second = split_config(cfg)
+    if config is not None:
+        first, second = split_config(config)
+    else:  # the same choice as pick_config, from a cache: this runs on every call
+        first, second = launch_configs(T, E, K, D, F, str(x.dtype).removeprefix("torch."),
+                                       _device_name(x.device.index or 0) if x.is_cuda else None,
+                                       interpreter_active())
     if T == 1:
         plan = align_single_token(topk_ids, E, first["BLOCK_M"])
     else:

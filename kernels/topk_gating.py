@@ -15,7 +15,7 @@ import triton.language as tl
 
 from moe_ref.config import check_top_k
 
-from .backend import require_backend
+from .backend import cdiv, next_pow2, require_backend
 
 
 @triton.jit
@@ -80,11 +80,11 @@ def topk_gating(logits: torch.Tensor, top_k: int, renormalize: bool = True,
         return ids, weights
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    block_e = triton.next_power_of_2(E)
+    block_e = next_pow2(E)
     block_t = max(1, min(64, 4096 // block_e))
-    _topk_gating_kernel[(triton.cdiv(T, block_t),)](
+    _topk_gating_kernel[(cdiv(T, block_t),)](
         logits, ids, weights, T, E, logits.stride(0), TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k), SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize))
+        BLOCK_K=next_pow2(top_k), SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize))
     return ids, weights
 
 

@@ -476,3 +476,45 @@ def test_old_triton_interpreter_with_new_numpy_is_refused_clearly(monkeypatch):
     with pytest.raises(RuntimeError, match="triton>=3.7 or numpy<2.4"):
         mk.fused_moe(torch.randn(2, 8), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
                      torch.randn(1, 8, 8), torch.randn(1, 8, 4))
+
+
+# ------------------------------------------------------------------- the launchers' host fast path
+
+def test_host_helpers_match_triton():
+    from moe_ref.kernels.backend import cdiv, next_pow2
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+        assert next_pow2(a) == triton.next_power_of_2(a), a
+
+
+def test_launch_configs_equal_split_get_config():
+    """fused_moe's cached choice is exactly split_config(get_config(...)), tuned table or not."""
+    from moe_ref.kernels.configs import TUNED_CONFIGS, launch_configs
+    shapes = [(8, 2, 4096, 14336), (128, 8, 2048, 768), (4, 2, 33, 22)]
+    table = {1: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3,
+                     down=dict(SPLIT_K=2)),
+             4096: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)}
+    mk.register_tuned_configs("Fast GPU", 8, 4096, 14336, "bfloat16", table)
+    try:
+        for E, K, D, F in shapes:
+            for T in (0, 1, 5, 64, 300, 2000, 16384):
+                for dt in ("bfloat16", "float16", "float32"):
+                    for dev in (None, "Fast GPU"):
+                        for interp in (False, True):
+                            want = split_config(mk.get_config(T, E, K, D, F, dt, dev, interp))
+                            assert launch_configs(T, E, K, D, F, dt, dev, interp) == want, (T, E, dt, dev, interp)
+        assert launch_configs(1, 8, 2, 4096, 14336, "bfloat16", "Fast GPU", False)[1]["SPLIT_K"] == 2
+    finally:
+        TUNED_CONFIGS.pop("Fast GPU")
+    assert "SPLIT_K" not in launch_configs(1, 8, 2, 4096, 14336, "bfloat16", "Fast GPU", False)[1]  # gone again
+
+
+def test_single_token_rows_are_shared_and_right():
+    ids = torch.tensor([[3, 0, 5]])
+    a = mk.align_single_token(ids, 6, 16)
+    b = mk.align_single_token(torch.tensor([[1, 2, 4]]), 6, 16)
+    assert a.sorted_slot_ids is b.sorted_slot_ids  # made once per (K, BLOCK_M, device)
+    rows = a.sorted_slot_ids.view(3, 16)
+    assert rows[:, 0].tolist() == [0, 1, 2] and (rows[:, 1:] == 3).all() and int(a.num_padded) == 48
+    assert a.expert_ids.tolist() == [3, 0, 5] and b.expert_ids.tolist() == [1, 2, 4]
