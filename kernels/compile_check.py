@@ -156,6 +156,12 @@ def compile_all(arch: int = 90, quick: bool = False, candidates: bool = False, l
     build(align._offsets_kernel, {"counts_ptr": "*i32", "expert_start_ptr": "*i32", "expert_ids_ptr": "*i32",
                                   "num_padded_ptr": "*i32", "num_experts": "i32", "num_blocks": "i32"},
           dict(BLOCK_M=16, BLOCK_E=256, BLOCK_B=64), values=dict(num_experts=256))
+    for block_m in ((16,) if quick else (16, 64)):
+        build(align._align_one_program_kernel,
+              {"topk_ids_ptr": "*i64", "sorted_slot_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+               "num_padded_ptr": "*i32", "num_slots": "i32", "num_experts": "i32", "num_rows": "i32",
+               "num_blocks": "i32"},
+              dict(BLOCK_M=block_m, BLOCK_S=32, BLOCK_E=256, BLOCK_B=32, BLOCK_R=1024), values=dict(num_experts=256))
     build(align._scatter_kernel, {"topk_ids_ptr": "*i64", "rank_ptr": "*i32", "chunk_offsets_ptr": "*i32",
                                   "expert_start_ptr": "*i32", "sorted_slot_ids_ptr": "*i32", "num_slots": "i32",
                                   "num_chunks": "i32"}, dict(BLOCK_S=32))

@@ -7,6 +7,7 @@ A config is a dict:
   BLOCK_K      reduction step
   GROUP_M      M-blocks walked together before moving along N (L2 reuse of weight tiles)
   num_warps, num_stages   Triton launch options
+  "ALIGN":     optional: how align_block_size runs ("auto", "one_program", "chunked"; default "auto")
   "down":      optional dict overriding BLOCK_N/BLOCK_K/GROUP_M/num_warps/num_stages for the second GEMM,
                and its SPLIT_K (default 1): the reduction over F cut into chunks, one program each, partial
                sums added by the combine (more programs when few experts are hit; a tuning candidate)
@@ -57,6 +58,8 @@ def check_config(cfg: dict, name: str = "config") -> None:
         v = cfg[k]
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"{name}[{k!r}] must be a power of two >= 16 (tl.dot tiles), got {v!r}")
+    if cfg.get("ALIGN", "auto") not in ("auto", "one_program", "chunked"):
+        raise ValueError(f"{name}['ALIGN'] must be 'auto', 'one_program' or 'chunked', got {cfg['ALIGN']!r}")
     down = cfg.get("down", {})
     for k, v in down.items():
         if k == "SPLIT_K":
@@ -155,6 +158,8 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
     check_config(cfg)
     first = {k: cfg[k] for k in CONFIG_KEYS}
     second = dict(first, **cfg.get("down", {}))
+    if "ALIGN" in cfg:  # the alignment belongs to the first GEMM's plan
+        first["ALIGN"] = cfg["ALIGN"]
     return first, second
 
 

@@ -342,7 +342,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if T == 1:
         plan = align_single_token(topk_ids, E, first["BLOCK_M"])
     else:
-        plan = align_block_size(topk_ids, E, first["BLOCK_M"])
+        plan = align_block_size(topk_ids, E, first["BLOCK_M"], first.get("ALIGN", "auto"))
     act = gate_up(x, w13, plan, first)  # [P, F]
     slot_out = down(act, w2, topk_weights, plan, second)  # [S, D]
     y = combine(slot_out, topk_ids, x.dtype)  # [T, D]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .align import ONE_PROGRAM_MAX_SLOTS
 from .backend import ENABLE_HINT, interpreter_active
 from .configs import TUNED_KIND, default_config, fit_to_dtype, split_config
 from .fused_moe import TileConfigShrunk, fused_moe
@@ -57,7 +58,8 @@ def _key(cfg: dict) -> str:
 
 def candidate_configs(T: int, E: int, K: int, D: int, F: int, element_size: int = 2, limit: int = 8) -> list[dict]:
     """The configs tried at T: the untuned default first, then (decode, few programs) the default with a split
-    second GEMM, then tiles around it; all fitted to shared memory."""
+    second GEMM, then (2..ONE_PROGRAM_MAX_SLOTS slots) the default with the four-kernel alignment, then tiles
+    around it; all fitted to shared memory."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     r = T * K / max(E, 1)
@@ -68,6 +70,8 @@ def candidate_configs(T: int, E: int, K: int, D: int, F: int, element_size: int 
     split = split_k_for(fit_to_dtype(raw[0], element_size), T, E, K, D, F) if r <= 16 else 1
     if split > 1:  # decode with few programs in the second GEMM: the default with its reduction split
         raw.append(dict(raw[0], down=dict(raw[0].get("down", {}), SPLIT_K=split)))
+    if T > 1 and T * K <= ONE_PROGRAM_MAX_SLOTS:  # "auto" aligns in one program here: try the four-kernel way too
+        raw.append(dict(raw[0], ALIGN="chunked"))
     for bn, bk, warps, stages in tiles:  # tiles outside, BLOCK_M inside: a short limit still tries both BLOCK_M
         for bm in block_ms:
             raw.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages))

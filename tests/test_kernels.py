@@ -92,10 +92,14 @@ ALIGN_CASES = [  # T, K, E, block_m, drop
 ]
 
 
+ALIGN_METHODS = ["chunked", "one_program"]
+
+
+@pytest.mark.parametrize("method", ALIGN_METHODS)
 @pytest.mark.parametrize("T,K,E,bm,drop", ALIGN_CASES)
-def test_align_matches_torch_and_grouping(T, K, E, bm, drop):
+def test_align_matches_torch_and_grouping(T, K, E, bm, drop, method):
     ids = random_ids(T, K, E, seed=T + E, drop=drop).to(DEV)
-    plan = mk.align_block_size(ids, E, bm)
+    plan = mk.align_block_size(ids, E, bm, method=method)
     ref = mk.align_block_size_torch(ids, E, bm)
     for f in ("sorted_slot_ids", "expert_ids", "num_padded"):
         assert torch.equal(getattr(plan, f), getattr(ref, f)), f
@@ -103,12 +107,13 @@ def test_align_matches_torch_and_grouping(T, K, E, bm, drop):
     check_plan_against_grouping(plan, ids, E)
 
 
-def test_align_all_dropped_and_one_hot_expert():
+@pytest.mark.parametrize("method", ALIGN_METHODS)
+def test_align_all_dropped_and_one_hot_expert(method):
     ids = torch.full((6, 2), -1, dtype=torch.long, device=DEV)
-    plan = mk.align_block_size(ids, 4, 16)
+    plan = mk.align_block_size(ids, 4, 16, method=method)
     assert int(plan.num_padded) == 0 and (plan.expert_ids == -1).all() and (plan.sorted_slot_ids == 12).all()
     hot = torch.stack([torch.full((37,), 2), torch.arange(37) % 2]).t().to(DEV)  # expert 2 takes every token
-    plan = mk.align_block_size(hot, 4, 16)
+    plan = mk.align_block_size(hot, 4, 16, method=method)
     check_plan_against_grouping(plan, hot, 4)
     assert plan.expert_ids[:5].tolist() == [0, 0, 1, 1, 2] and int(plan.num_padded) == (2 + 2 + 3) * 16
 
@@ -119,7 +124,7 @@ def test_align_random(T, E, data):
     K = data.draw(st.integers(1, E))
     bm = data.draw(st.sampled_from([16, 32]))
     ids = random_ids(T, K, E, seed=data.draw(st.integers(0, 99)), drop=data.draw(st.sampled_from([0.0, 0.4])))
-    plan = mk.align_block_size(ids.to(DEV), E, bm)
+    plan = mk.align_block_size(ids.to(DEV), E, bm, method=data.draw(st.sampled_from(["auto"] + ALIGN_METHODS)))
     ref = mk.align_block_size_torch(ids, E, bm)
     assert torch.equal(plan.sorted_slot_ids.cpu(), ref.sorted_slot_ids)
     assert torch.equal(plan.expert_ids.cpu(), ref.expert_ids)
@@ -236,6 +241,23 @@ def test_split_k_down_matches_reference(F, split, dtype):
     full = mk.fused_moe(x, ids, r.topk_weights, layer.w13, layer.w2, config=cfg)
     r_drop = moe_ref.Routing(ids, r.topk_weights)
     assert_close(full, reference(layer, x, r_drop), dtype=dtype, msg=f"fused_moe split {split}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_align_method_in_config_gives_the_same_output(dtype):
+    """ALIGN="one_program" and "chunked" build the same plan, so fused_moe's output is bitwise the same."""
+    T, D, F, E, K = 29, 33, 22, 6, 3
+    layer, x = make_case(T, D, F, E, K, dtype=dtype, seed=9)
+    r = layer.route(x)
+    base = mk.get_config(T, E, K, D, F, interpreter=True)
+    ys = {m: mk.fused_moe(x, r.topk_ids, r.topk_weights, layer.w13, layer.w2, config=dict(base, ALIGN=m))
+          for m in ("auto", "one_program", "chunked")}
+    assert torch.equal(ys["one_program"], ys["chunked"]) and torch.equal(ys["auto"], ys["chunked"])
+    assert_close(ys["chunked"], reference(layer, x, r), dtype=dtype, msg="ALIGN")
+    with pytest.raises(ValueError, match="ALIGN"):
+        split_config(dict(base, ALIGN="fast"))
+    with pytest.raises(ValueError, match="method"):
+        mk.align_block_size(r.topk_ids, E, 16, method="fast")
 
 
 def test_split_k_config_is_checked():
@@ -423,7 +445,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     res = subprocess.run([sys.executable, "-m", "moe_ref.kernels.compile_check", "--quick"], env=env,
                          capture_output=True, text=True, timeout=240, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "compiled 10 kernels for sm_90" in res.stdout, res.stdout
+    assert "compiled 11 kernels for sm_90" in res.stdout, res.stdout
     # specialized as a launch is (aligned pointers, strides of 1 as constants): the GEMMs' loads are
     # software-pipelined through shared memory (cp.async), as they must be to stream weights at speed
     gemms = [ln for ln in res.stdout.splitlines() if ln.startswith(("ok _gate_up_kernel", "ok _down_kernel"))]

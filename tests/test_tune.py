@@ -64,6 +64,13 @@ def test_split_k_is_tried_where_the_second_gemm_has_few_programs():
     assert tune.split_k_for(mixtral_t1[0], 1, 8, 2, 4096, 256) == 1  # F too short to split
 
 
+def test_the_four_kernel_alignment_is_tried_where_auto_uses_one_program():
+    aligns = lambda *a: [c.get("ALIGN", "auto") for c in tune.candidate_configs(*a)]
+    assert aligns(16, 8, 2, 4096, 14336)[:2] == ["auto", "chunked"]  # 32 slots: one program by default
+    assert "chunked" not in aligns(1, 8, 2, 4096, 14336)  # T=1 has no alignment kernel at all
+    assert "chunked" not in aligns(4096, 8, 2, 4096, 14336)  # 8192 slots: auto is the four kernels already
+
+
 def test_tune_shape_checks_times_and_keeps_the_fastest():
     entry = _tune()
     assert (entry["E"], entry["D"], entry["F"], entry["K"]) == (4, 32, 48, 2)
@@ -82,8 +89,7 @@ def test_tune_shape_checks_times_and_keeps_the_fastest():
 def test_a_config_that_disagrees_is_never_kept(monkeypatch):
     real = tune.fused_moe
     cands = tune.candidate_configs(5, 4, 2, 32, 48, 4, 3)
-    bad_block_n = cands[1]["BLOCK_N"]
-    assert cands[0]["BLOCK_N"] != bad_block_n
+    bad_block_n = next(c["BLOCK_N"] for c in cands if c["BLOCK_N"] != cands[0]["BLOCK_N"])
 
     def fused_moe(x, ids, w, w13, w2, config):  # a kernel that is wrong for one BLOCK_N
         y = real(x, ids, w, w13, w2, config=config)
@@ -196,7 +202,8 @@ def test_a_shrunk_config_is_not_kept_and_other_warnings_do_not_matter(monkeypatc
     from moe_ref.kernels.fused_moe import TileConfigShrunk
 
     real = tune.fused_moe
-    shrink_n = tune.candidate_configs(5, 4, 2, 32, 48, 4, 3)[1]["BLOCK_N"]
+    cands = tune.candidate_configs(5, 4, 2, 32, 48, 4, 3)
+    shrink_n = next(c["BLOCK_N"] for c in cands if c["BLOCK_N"] != cands[0]["BLOCK_N"])
 
     def fused_moe(x, ids, w, w13, w2, config):
         warnings.warn("numpy says something", DeprecationWarning, stacklevel=2)
