@@ -217,3 +217,16 @@ def test_bench_graph_provider_replays_with_new_values_and_recaptures_for_new_inp
     x2 = make_x(5, D, dtype, seed=14)  # other tensors (another T): a new capture
     r2 = route(x2)
     assert_near(replay(x2, r2), reference(x2, r2, w13, w2), dtype, "new inputs")
+
+
+@pytest.mark.parametrize("T,K,E,bm", [(1, 8, 128, 16), (64, 8, 128, 16), (128, 8, 256, 32), (37, 2, 8, 64)])
+def test_align_methods_agree_on_gpu(T, K, E, bm):
+    """One-program and four-kernel alignment give the torch reference's plan, compiled (barrier included)."""
+    g = torch.Generator(device="cuda").manual_seed(T + E)
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])  # [T, K]
+    ids[torch.rand(ids.shape, device="cuda", generator=g) < 0.1] = -1  # some dropped
+    ref = mk.align_block_size_torch(ids, E, bm)
+    for method in ("one_program", "chunked"):
+        plan = mk.align_block_size(ids, E, bm, method=method)
+        for f in ("sorted_slot_ids", "expert_ids", "num_padded"):
+            assert torch.equal(getattr(plan, f), getattr(ref, f)), (method, f)
