@@ -252,9 +252,7 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, met
     plan = AlignedPlan(sorted_ids, expert_ids, num_padded, block_m, T, K)
     if S == 0:
         return plan
-    flat = topk_ids.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    flat = topk_ids.reshape(-1).contiguous()  # [S] (a no-op when already contiguous)
     block_e = next_pow2(E)
     block_s = _chunk_size(block_e)
     num_chunks = cdiv(S, block_s)
@@ -279,9 +277,7 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, met
 def _align_one_program(topk_ids: torch.Tensor, E: int, block_m: int, max_padded: int) -> AlignedPlan:
     T, K = topk_ids.shape
     S, dev = T * K, topk_ids.device
-    flat = topk_ids.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    flat = topk_ids.reshape(-1).contiguous()  # [S] (a no-op when already contiguous)
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)  # [max_padded] (the kernel fills it)
     expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=dev)  # [num_blocks]
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)  # [1]

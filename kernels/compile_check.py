@@ -117,8 +117,7 @@ def compile_all(arch: int = 90, quick: bool = False, candidates: bool = False, l
                 consts["SPLIT_K"] = split
                 if split > 1:  # fp32 partial sums; each chunk of F a multiple of BLOCK_K
                     sig = dict(sig, slot_out_ptr="*fp32")
-                    per = (F + split - 1) // split
-                    values["k_per_split"] = (per + c["BLOCK_K"] - 1) // c["BLOCK_K"] * c["BLOCK_K"]
+                    values["k_per_split"] = fm.k_per_split(c, F, split)
             build(kernel, sig, consts, c["num_warps"], c["num_stages"], values)
 
     dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]

@@ -267,13 +267,17 @@ def down(act: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, plan: 
     weights = topk_weights.reshape(-1).float().contiguous()  # [S]
     num_m = plan.max_padded // plan.block_m
     if num_m > 0:
-        k_per_split = cdiv(cdiv(F, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         grid = (num_m * cdiv(D, cfg["BLOCK_N"]), split)
         args = (act, w2, weights, slot_out, plan.sorted_slot_ids, plan.expert_ids, plan.num_padded, S, D, F, num_m,
                 act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-                slot_out.stride(0), slot_out.stride(1), slot_out.stride(2), k_per_split)
+                slot_out.stride(0), slot_out.stride(1), slot_out.stride(2), k_per_split(cfg, F, split))
         _launch(_down_kernel, grid, args, cfg, _kernel_flags(act.dtype), SPLIT_K=split)
     return slot_out[0] if split == 1 else slot_out
+
+
+def k_per_split(cfg: dict, F: int, split: int) -> int:
+    """Columns of F per chunk of a split second GEMM: F / split rounded up to a multiple of BLOCK_K."""
+    return cdiv(cdiv(F, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
 
 
 def split_k(cfg: dict, F: int) -> int:
@@ -319,11 +323,15 @@ def check_inputs(x, topk_ids, topk_weights, w13, w2) -> tuple[int, int, int]:
     return E, D, F
 
 
+def _config_args(x: torch.Tensor, E: int, K: int, F: int) -> tuple:
+    """(T, E, K, D, F, dtype name, GPU name or None, interpreter?): what the config choice depends on."""
+    dev_name = _device_name(x.device.index or 0) if x.is_cuda else None
+    return x.shape[0], E, K, x.shape[1], F, str(x.dtype).removeprefix("torch."), dev_name, interpreter_active()
+
+
 def pick_config(x: torch.Tensor, E: int, K: int, F: int) -> dict:
     """The tile config for this call (interpreter, tuned table for this GPU, or the heuristic)."""
-    dev_name = _device_name(x.device.index or 0) if x.is_cuda else None
-    return get_config(x.shape[0], E, K, x.shape[1], F, str(x.dtype).removeprefix("torch."), dev_name,
-                      interpreter=interpreter_active())
+    return get_config(*_config_args(x, E, K, F))
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -336,9 +344,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if config is not None:
         first, second = split_config(config)
     else:  # the same choice as pick_config, from a cache: this runs on every call
-        first, second = launch_configs(T, E, K, D, F, str(x.dtype).removeprefix("torch."),
-                                       _device_name(x.device.index or 0) if x.is_cuda else None,
-                                       interpreter_active())
+        first, second = launch_configs(*_config_args(x, E, K, F))
     if T == 1:
         plan = align_single_token(topk_ids, E, first["BLOCK_M"])
     else:
