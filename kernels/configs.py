@@ -28,6 +28,8 @@ import json
 import math
 from pathlib import Path
 
+from .align import ALIGN_METHODS
+
 # {device_name: {(E, D, F, dtype_name): {T: config}}}; filled by register_tuned_configs()
 TUNED_CONFIGS: dict[str, dict[tuple, dict[int, dict]]] = {}
 
@@ -58,8 +60,8 @@ def check_config(cfg: dict, name: str = "config") -> None:
         v = cfg[k]
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"{name}[{k!r}] must be a power of two >= 16 (tl.dot tiles), got {v!r}")
-    if cfg.get("ALIGN", "auto") not in ("auto", "one_program", "chunked"):
-        raise ValueError(f"{name}['ALIGN'] must be 'auto', 'one_program' or 'chunked', got {cfg['ALIGN']!r}")
+    if cfg.get("ALIGN", "auto") not in ALIGN_METHODS:
+        raise ValueError(f"{name}['ALIGN'] must be one of {ALIGN_METHODS}, got {cfg['ALIGN']!r}")
     down = cfg.get("down", {})
     for k, v in down.items():
         if k == "SPLIT_K":
@@ -112,7 +114,7 @@ def launch_configs(T: int, E: int, K: int, D: int, F: int, dtype_name: str, devi
     """(first GEMM options, second GEMM options) = split_config(get_config(...)), without the copies and
     checks on every call: the launchers' fast path (shared dicts: never mutate them)."""
     if interpreter:
-        return _split_cached(tuple(sorted(INTERPRETER_CONFIG.items())))
+        return _interpreter_split()
     entry = tuned_entry(T, E, D, F, dtype_name, device_name)
     if entry is not None:
         return split_config(entry)
@@ -125,8 +127,8 @@ def _default_split(T: int, E: int, K: int, D: int, F: int, element_size: int) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _split_cached(items: tuple) -> tuple[dict, dict]:
-    return split_config(dict(items))
+def _interpreter_split() -> tuple[dict, dict]:
+    return split_config(INTERPRETER_CONFIG)
 
 
 # shared memory a config may plan for (H100/H200 allow 227 KiB per block; leave room for the compiler)

@@ -17,7 +17,6 @@ copy it into kernels/tuned/ to ship it (loaded on import, used only on the GPU i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 import warnings
@@ -25,8 +24,13 @@ from pathlib import Path
 
 import torch
 
+from moe_ref.bench import DTYPES, SHAPES, _have_matplotlib
+from moe_ref.bench_gpu import AGREE_RTOL as REF_RTOL
+from moe_ref.bench_gpu import Timer, _tensor, device_info, make_layer, make_routing, max_rel_err, write_json
+from moe_ref.strategy import get_strategy
+
 from .align import ONE_PROGRAM_MAX_SLOTS
-from .backend import ENABLE_HINT, interpreter_active
+from .backend import ENABLE_HINT, cdiv, interpreter_active
 from .configs import TUNED_KIND, default_config, fit_to_dtype, split_config
 from .fused_moe import TileConfigShrunk, fused_moe
 
@@ -42,8 +46,8 @@ def split_k_for(cfg: dict, T: int, E: int, K: int, D: int, F: int) -> int:
     M-block each at decode) fill fewer than SM_PROGRAMS and F is long enough for >= 4 BLOCK_K steps per
     chunk; then the power of two that brings the programs to SM_PROGRAMS, at most 8."""
     second = split_config(cfg)[1]
-    programs = min(E, T * K) * -(-D // second["BLOCK_N"])
-    steps = -(-F // second["BLOCK_K"])
+    programs = min(E, T * K) * cdiv(D, second["BLOCK_N"])
+    steps = cdiv(F, second["BLOCK_K"])
     if programs >= SM_PROGRAMS or steps < 8:
         return 1
     n = 1
@@ -84,20 +88,12 @@ def candidate_configs(T: int, E: int, K: int, D: int, F: int, element_size: int 
     return out[:limit]
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
-
-
 def tune_shape(shape, tokens, *, dtype=torch.bfloat16, device="cuda", timer=None, limit: int = 8,
                deadline: float | None = None, seed: int = 0, log=print) -> dict:
     """One entry of the tuned file for `shape` (moe_ref.bench.Shape): table {T: best config} and every trial.
 
     deadline: time.perf_counter() value after which no more candidates are timed (T left untuned keep
     the default; they are listed in `untuned`)."""
-    from moe_ref.bench_gpu import AGREE_RTOL as REF_RTOL
-    from moe_ref.bench_gpu import Timer, _tensor, make_layer, make_routing
-    from moe_ref.strategy import get_strategy
-
     device = torch.device(device)
     timer = timer or Timer(device, budget_ms=40.0, min_reps=3, max_reps=20)
     E, D, F, K = shape.num_experts, shape.d_model, shape.d_ff, shape.top_k
@@ -157,7 +153,7 @@ def _trial(T: int, cfg: dict, is_default: bool, x, ids, wts, w13, w2, y_check, r
         shrunk = [w for w in caught if issubclass(w.category, TileConfigShrunk)]
         if shrunk:  # the launcher shrank the config to fit shared memory: what ran is not cfg
             return dict(trial, status="shrunk", reason="; ".join(str(w.message)[:200] for w in shrunk))
-        trial["max_rel_err"] = _rel_err(y, y_check)
+        trial["max_rel_err"] = max_rel_err(y, y_check)
         if trial["max_rel_err"] > rtol:
             return dict(trial, status="wrong", reason=f"max rel err {trial['max_rel_err']:.2e} > {rtol:.0e}")
         trial.update(status="ok", **timer(lambda: fused_moe(x, ids, wts, w13, w2, config=cfg)))
@@ -171,8 +167,6 @@ def _trial(T: int, cfg: dict, is_default: bool, x, ids, wts, w13, w2, y_check, r
 def tune(shapes, tokens, *, dtype=torch.bfloat16, device="cuda", limit: int = 8, time_limit_s: float | None = None,
          on_progress=None, log=print) -> dict:
     """The tuned-config file (a dict) for every shape: entries in the order of `shapes`."""
-    from moe_ref.bench_gpu import device_info
-
     t0 = time.perf_counter()
     deadline = None if time_limit_s is None else t0 + time_limit_s
     result = dict(kind=TUNED_KIND, machine=device_info(device), dtype=str(dtype).removeprefix("torch."),
@@ -191,9 +185,6 @@ def tune(shapes, tokens, *, dtype=torch.bfloat16, device="cuda", limit: int = 8,
 
 
 def main(argv=None) -> int:
-    from moe_ref.bench import DTYPES, SHAPES
-    from moe_ref.bench_gpu import write_json
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3"], choices=sorted(SHAPES))
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 4096, 16384])
@@ -219,7 +210,7 @@ def main(argv=None) -> int:
     result = tune([SHAPES[s] for s in args.shapes], args.tokens, dtype=DTYPES[args.dtype], device=device,
                   limit=args.limit, time_limit_s=args.time_limit, on_progress=lambda r: write_json(r, path))
     write_json(result, path)
-    if importlib.util.find_spec("matplotlib") is not None:
+    if _have_matplotlib():
         from moe_ref.plots import plot_tuning
 
         plot_tuning(result).savefig(path.with_suffix(".png"), dpi=120, bbox_inches="tight")

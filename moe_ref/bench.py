@@ -212,9 +212,9 @@ def gpu_main(args) -> int:
     timer = bg.Timer(device, mode=args.timer, budget_ms=budget, min_reps=3 if args.quick else 5,
                      max_reps=20 if args.quick else 100)
     tuned = []
-    for f in args.tuned:  # registered before the sweep: the triton provider picks its configs from them
+    if args.tuned:
         from .kernels.configs import load_tuned_configs
-
+    for f in args.tuned:  # registered before the sweep: the triton provider picks its configs from them
         try:
             tuned.append(dict(file=str(f), tables=load_tuned_configs(f)))
         except (OSError, ValueError, KeyError) as e:
@@ -268,7 +268,9 @@ def plot_main(path: Path, out: Path | None) -> int:
     if not _have_matplotlib():
         print("the charts need matplotlib: pip install matplotlib (or the moe_ref[notebooks] extra)")
         return 2
-    if result.get("kind") == "moe_ref tuned configs":  # a tuning file (moe_ref.kernels.tune): its one chart
+    # a tuning file (moe_ref.kernels.tune) has one chart; its kind is moe_ref.kernels.configs.TUNED_KIND,
+    # spelled out here because importing moe_ref.kernels needs triton and redrawing a chart does not
+    if result.get("kind") == "moe_ref tuned configs":
         from .plots import plot_tuning
 
         dest = (out or path.parent) / (path.stem + ".png")

@@ -207,6 +207,11 @@ def make_routing(layer: MoELayer, T: int, skew: float, seed: int):
     return x, r
 
 
+def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (0 for empty outputs): one number to flag a provider or config that disagrees."""
+    return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
+
+
 def _tensor(out) -> torch.Tensor:
     """The output tensor of a provider (tensor, StrategyResult.y or MoEOutput.output)."""
     for attr in ("y", "output"):
@@ -396,8 +401,7 @@ def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=t
                         if y_ref is None and name == REFERENCE_PROVIDER:
                             y_ref = y.float()
                         if y_ref is not None:
-                            err = (y.float() - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)
-                            row["max_rel_err"] = float(err)
+                            row["max_rel_err"] = max_rel_err(y, y_ref)
                             row["agrees"] = bool(row["max_rel_err"] <= AGREE_RTOL)
                         del y
                         tm = timer(lambda fn=fn, x=x, r=r: fn(x, r))
