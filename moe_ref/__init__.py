@@ -39,7 +39,7 @@ __all__ = [
     "Routing", "apply_capacity", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",
     "moe_forward", "permute", "priority_rank", "reference_moe", "register_strategy", "route",
     "strategy_names", "swiglu", "unpermute",
-    # capacity experiments and dynamic batching (issue 3)
+    # capacity experiments and dynamic batching
     "DynamicBatcher", "simulate_dynamic_batching", "expert_popularity", "skewed_routing", "random_routing",
     "load_imbalance", "coefficient_of_variation", "drop_share", "padding_waste", "capacity_quality_table",
 ]

@@ -18,20 +18,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import CapacityConfig
+from .config import CapacityConfig, check_capacity
 from .router import Routing
+from .validate import check_int
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
                     min_capacity: int = 1) -> int:
     """C = max(min_capacity, ceil(T * K * capacity_factor / E))."""
     CapacityConfig(capacity_factor=capacity_factor, min_capacity=min_capacity)  # validates both
-    for name, v in (("num_tokens", num_tokens), ("num_experts", num_experts), ("top_k", top_k)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-        least = 0 if name == "num_tokens" else 1
-        if v < least:
-            raise ValueError(f"{name} must be >= {least}, got {v}")
+    check_int("num_tokens", num_tokens, 0)
+    check_int("num_experts", num_experts, 1)
+    check_int("top_k", top_k, 1)
     # round first so 0.1*3-style float noise cannot push ceil() up by one
     return max(min_capacity, math.ceil(round(num_tokens * top_k * capacity_factor / num_experts, 9)))
 
@@ -101,8 +99,7 @@ def apply_capacity(routing: Routing, num_experts: int, capacity: CapacityConfig 
     capacity=None or overflow="dropless" changes nothing; "error" raises a ValueError naming the
     first expert over C, its load and C. "reroute" needs routing.logits (probabilities by `scoring`).
     """
-    if capacity is not None and not isinstance(capacity, CapacityConfig):
-        raise TypeError(f"capacity must be a moe_ref.CapacityConfig or None, got {type(capacity).__name__}")
+    check_capacity(capacity)
     if capacity is None or capacity.overflow == "dropless":
         return CapacityResult(passes=[routing], capacity=None, final_ids=routing.topk_ids)
     ids = routing.topk_ids  # [T, K]

@@ -7,21 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .validate import check_choice, check_instance, check_int, check_number
+
 SCORINGS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probability")
 OVERFLOWS = ("drop", "reroute", "spill", "dropless", "error")
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
 def check_top_k(top_k, num_experts: int) -> None:
     """K must be an int with 1 <= K <= E."""
-    _check_int("top_k", top_k, 1)
+    check_int("top_k", top_k, 1)
     if top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts, got top_k={top_k} > num_experts={num_experts}")
 
@@ -43,12 +38,11 @@ class MoEConfig:
     scoring: str = "softmax"
 
     def __post_init__(self) -> None:
-        _check_int("d_model", self.d_model, 1)
-        _check_int("d_ff", self.d_ff, 1)
-        _check_int("num_experts", self.num_experts, 1)
+        check_int("d_model", self.d_model, 1)
+        check_int("d_ff", self.d_ff, 1)
+        check_int("num_experts", self.num_experts, 1)
         check_top_k(self.top_k, self.num_experts)
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_choice("scoring", self.scoring, SCORINGS)
 
     def expert_flops_per_row(self) -> int:
         """FLOPs of one token row through one SwiGLU expert: 2*D*2F + 2*F*D."""
@@ -77,13 +71,12 @@ class CapacityConfig:
     overflow: str = "drop"
 
     def __post_init__(self) -> None:
-        cf = self.capacity_factor
-        if isinstance(cf, bool) or not isinstance(cf, (int, float)):
-            raise TypeError(f"capacity_factor must be a number, got {type(cf).__name__}")
-        if not cf > 0 or cf != cf or cf == float("inf"):
-            raise ValueError(f"capacity_factor must be a finite number > 0, got {cf}")
-        _check_int("min_capacity", self.min_capacity, 0)
-        if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
-        if self.overflow not in OVERFLOWS:
-            raise ValueError(f"overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
+        check_number("capacity_factor", self.capacity_factor, 0, strict=True)
+        check_int("min_capacity", self.min_capacity, 0)
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("overflow", self.overflow, OVERFLOWS)
+
+
+def check_capacity(capacity) -> CapacityConfig | None:
+    """capacity must be a moe_ref.CapacityConfig or None (dropless); returns it."""
+    return check_instance("capacity", capacity, CapacityConfig, allow_none=True)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from .config import CapacityConfig, MoEConfig
+from .config import CapacityConfig, MoEConfig, check_capacity
 from .layer import MoELayer, MoEOutput
 from .router import Routing
 from .stats import MoEStats
@@ -53,16 +53,6 @@ def is_sparse_moe_block(module: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- conversion
-
-def _layer_from_weights(cfg: MoEConfig, router_weight, w13, w2) -> MoELayer:
-    """An MoELayer holding the given tensors (no random init: weights of real models are large)."""
-    layer = MoELayer.__new__(MoELayer)
-    nn.Module.__init__(layer)
-    layer.cfg = cfg
-    for name, w in (("router_weight", router_weight), ("w13", w13), ("w2", w2)):
-        layer.register_parameter(name, nn.Parameter(w, requires_grad=False))
-    return layer
-
 
 def _expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(w13 [E, 2F, D], w2 [E, D, F]) from a transformers experts module, as views where possible."""
@@ -166,7 +156,7 @@ def from_hf(block: nn.Module, *, copy: bool = True, dtype: torch.dtype | None = 
         t = t.to(dtype) if dtype is not None else t
         return t.detach().clone() if copy else t.detach()
 
-    layer = _layer_from_weights(cfg, conv(router_weight), conv(w13), conv(w2))
+    layer = MoELayer.from_weights(cfg, conv(router_weight), conv(w13), conv(w2))
     if not SUPPORTED_BLOCKS[type(block).__name__]:
         return layer
     se = block.shared_expert
@@ -345,8 +335,7 @@ def patch_model(model: nn.Module, strategy: str = "grouped", capacity: CapacityC
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     get_strategy(strategy)
-    if capacity is not None and not isinstance(capacity, CapacityConfig):
-        raise TypeError(f"capacity must be a moe_ref.CapacityConfig or None, got {type(capacity).__name__}")
+    check_capacity(capacity)
     targets = [(name, m) for name, m in model.named_modules() if is_sparse_moe_block(m)]
     if not targets:
         raise ValueError(f"no supported sparse-MoE block found in {type(model).__name__} "

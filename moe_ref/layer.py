@@ -15,11 +15,12 @@ from torch import nn
 
 from . import grouped, naive, padded  # noqa: F401  (register the built-in strategies)
 from .capacity import apply_capacity
-from .config import CapacityConfig, MoEConfig
+from .config import CapacityConfig, MoEConfig, check_capacity
 from .permute import combine_dtype
 from .router import Routing, check_x2d, route, validate_routing
 from .stats import MoEStats, expert_counts
 from .strategy import get_strategy
+from .validate import check_float_dtype, check_instance
 
 
 @dataclass
@@ -30,15 +31,41 @@ class MoEOutput:
     stats: MoEStats
 
 
-def init_weights(cfg: MoEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic float32 CPU weights (same numbers on every device): scaled normal init."""
-    g = torch.Generator().manual_seed(seed)
+def init_weights(cfg: MoEConfig, seed: int = 0, device=None, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, torch.Tensor]:
+    """Scaled-normal weights drawn on `device` (default CPU) from one seeded generator, then cast to dtype.
+
+    The same seed gives the same numbers on the CPU whatever the dtype; another device type draws from its
+    own generator (other numbers, same distribution), so large layers never pass through host memory.
+    The meta device gives shapes only (nothing allocated).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    g = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
     E, D, F = cfg.num_experts, cfg.d_model, cfg.d_ff
-    return {
-        "router_weight": torch.randn(E, D, generator=g) / D**0.5,  # [E, D]
-        "w13": torch.randn(E, 2 * F, D, generator=g) / D**0.5,  # [E, 2F, D]
-        "w2": torch.randn(E, D, F, generator=g) / F**0.5,  # [E, D, F]
-    }
+    out = {}
+    for name, size, fan_in in (("router_weight", (E, D), D), ("w13", (E, 2 * F, D), D), ("w2", (E, D, F), F)):
+        w = torch.randn(size, generator=g, device=device)  # fp32: [E, D] / [E, 2F, D] / [E, D, F]
+        out[name] = w.div_(fan_in**0.5).to(dtype)
+        del w
+    return out
+
+
+def check_weights(cfg: MoEConfig, router_weight, w13, w2) -> None:
+    """router_weight [E, D], w13 [E, 2F, D], w2 [E, D, F]: floating tensors of one dtype on one device."""
+    c = cfg
+    want = {"router_weight": (c.num_experts, c.d_model), "w13": (c.num_experts, 2 * c.d_ff, c.d_model),
+            "w2": (c.num_experts, c.d_model, c.d_ff)}
+    got = {"router_weight": router_weight, "w13": w13, "w2": w2}
+    for name, w in got.items():
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+        check_float_dtype(f"{name}.dtype", w.dtype)
+        if tuple(w.shape) != want[name]:
+            raise ValueError(f"{name} must be {list(want[name])} for D={c.d_model}, F={c.d_ff}, "
+                             f"E={c.num_experts}, got {list(w.shape)}")
+    if len({w.dtype for w in got.values()}) > 1 or len({w.device for w in got.values()}) > 1:
+        raise TypeError("router_weight, w13 and w2 must share one dtype and device, got "
+                        + ", ".join(f"{n}: {w.dtype} on {w.device}" for n, w in got.items()))
 
 
 def moe_forward(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor, *,
@@ -65,24 +92,39 @@ def moe_forward(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.
 
 
 class MoELayer(nn.Module):
-    """A sparse MoE block: router_weight [E, D], w13 [E, 2F, D], w2 [E, D, F] (SwiGLU experts)."""
+    """A sparse MoE block: router_weight [E, D], w13 [E, 2F, D], w2 [E, D, F] (SwiGLU experts).
 
-    def __init__(self, cfg: MoEConfig, dtype: torch.dtype = torch.float32, device=None, seed: int = 0):
+    MoELayer(cfg, dtype, device, seed) draws random weights on `device` (init_weights);
+    MoELayer.from_weights(cfg, router_weight, w13, w2) holds given tensors.
+    """
+
+    def __init__(self, cfg: MoEConfig, dtype: torch.dtype = torch.float32, device=None, seed: int = 0, *,
+                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        if not isinstance(cfg, MoEConfig):
-            raise TypeError(f"cfg must be a moe_ref.MoEConfig, got {type(cfg).__name__}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check_instance("cfg", cfg, MoEConfig)
+        if weights is None:
+            check_float_dtype("dtype", dtype)
+            w = init_weights(cfg, seed, device=device, dtype=dtype)
+            weights = (w["router_weight"], w["w13"], w["w2"])
+        check_weights(cfg, *weights)
         self.cfg = cfg
-        for name, w in init_weights(cfg, seed).items():
-            self.register_parameter(name, nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False))
+        for name, w in zip(("router_weight", "w13", "w2"), weights):
+            self.register_parameter(name, nn.Parameter(w, requires_grad=False))  # no copy
 
     @classmethod
-    def from_hf(cls, block: nn.Module, **kwargs):
-        """Convert a transformers sparse-MoE block (Mixtral, Qwen2/3-MoE, OLMoE); see moe_ref.hf.from_hf."""
-        from .hf import from_hf  # lazy: `import moe_ref` never imports transformers
+    def from_weights(cls, cfg: MoEConfig, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *,
+                     dtype: torch.dtype | None = None, device=None) -> MoELayer:
+        """A layer holding router_weight [E, D], w13 [E, 2F, D], w2 [E, D, F] (rows 0..F-1 of w13 the gate).
 
-        return from_hf(block, **kwargs)
+        The tensors are used as they are (no copy) unless `dtype` or `device` asks for a conversion;
+        they must share one dtype and device.
+        """
+        ws = (router_weight, w13, w2)
+        if dtype is not None or device is not None:
+            if dtype is not None:
+                check_float_dtype("dtype", dtype)
+            ws = tuple(w.to(dtype=dtype, device=device) if isinstance(w, torch.Tensor) else w for w in ws)
+        return cls(cfg, weights=ws)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -93,14 +135,10 @@ class MoELayer(nn.Module):
         c = self.cfg
         return route(x2d, self.router_weight, c.top_k, renormalize=c.renormalize, scoring=c.scoring)
 
-    def forward(self, x: torch.Tensor, strategy: str = "grouped", routing: Routing | None = None,
-                capacity: CapacityConfig | None = None) -> MoEOutput:
+    def _check_input(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        """x [..., D] in the layer's dtype and on its device -> x2d [T, D]; a given routing must fit it."""
         c = self.cfg
-        get_strategy(strategy)  # unknown names fail first, even for empty input
-        if capacity is not None and not isinstance(capacity, CapacityConfig):
-            raise TypeError(f"capacity must be a moe_ref.CapacityConfig or None, got {type(capacity).__name__}")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_instance("x", x, torch.Tensor)
         if x.dim() < 1 or x.shape[-1] != c.d_model:
             raise ValueError(f"x must be [..., D] with D={c.d_model}, got shape {tuple(x.shape)}")
         x2d = x.reshape(-1, c.d_model)  # [T, D]
@@ -110,12 +148,21 @@ class MoELayer(nn.Module):
                             f"use layer.to({x.dtype}) or x.to({self.w13.dtype})")
         if x.device != self.w13.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.w13.device}")
-        if routing is None:
-            routing = self.route(x2d)
-        else:
+        if routing is not None:
             validate_routing(routing, x2d.shape[0], c.num_experts)
             if routing.topk_ids.device != x.device:
                 raise ValueError(f"routing is on {routing.topk_ids.device} but x is on {x.device}")
+        return x2d
+
+    def forward(self, x: torch.Tensor, strategy: str = "grouped", routing: Routing | None = None,
+                capacity: CapacityConfig | None = None) -> MoEOutput:
+        """x [..., D] -> MoEOutput(output [..., D], stats), by `strategy`, with the router unless `routing`."""
+        c = self.cfg
+        get_strategy(strategy)  # unknown names fail first, even for empty input
+        check_capacity(capacity)
+        x2d = self._check_input(x, routing)
+        if routing is None:
+            routing = self.route(x2d)
         if x2d.shape[0] == 0:
             stats = MoEStats(expert_counts=torch.zeros(c.num_experts, dtype=torch.long, device=x.device),
                              capacity=None, passes=0)

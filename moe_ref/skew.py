@@ -24,30 +24,13 @@ most popular, expert E-1 the least; an int shuffles the ranks with that seed.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .config import SCORINGS, check_top_k
 from .router import Routing, check_x2d
+from .validate import check_int, check_number
 
 __all__ = ["expert_popularity", "routing_from_logits", "skewed_routing", "random_routing"]
-
-
-def _check_skew(skew) -> float:
-    if isinstance(skew, bool) or not isinstance(skew, (int, float)):
-        raise TypeError(f"skew must be a number >= 0, got {type(skew).__name__}")
-    if not (skew >= 0 and math.isfinite(skew)):
-        raise ValueError(f"skew must be a finite number >= 0, got {skew}")
-    return float(skew)
-
-
-def _check_count(name: str, v, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    return v
 
 
 def expert_popularity(num_experts: int, skew: float, hot_seed: int | None = None) -> torch.Tensor:
@@ -55,8 +38,8 @@ def expert_popularity(num_experts: int, skew: float, hot_seed: int | None = None
 
     hot_seed=None: rank_e = e + 1 (expert 0 hottest); an int shuffles which expert gets which rank.
     """
-    E = _check_count("num_experts", num_experts, 1)
-    s = _check_skew(skew)
+    E = check_int("num_experts", num_experts, 1)
+    s = check_number("skew", skew, 0)
     p = torch.arange(1, E + 1, dtype=torch.float64) ** -s  # [E], by rank
     p = p / p.sum()
     if hot_seed is not None:
@@ -112,8 +95,8 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, skew: float = 
     experts without replacement, each draw ∝ p); weights = softmax(logits) over the K chosen,
     renormalised to sum 1 (renormalize=False keeps the softmax-over-E values). Logits are kept.
     """
-    T = _check_count("num_tokens", num_tokens, 0)
-    E = _check_count("num_experts", num_experts, 1)
+    T = check_int("num_tokens", num_tokens, 0)
+    E = check_int("num_experts", num_experts, 1)
     check_top_k(top_k, E)
     g = torch.Generator().manual_seed(int(seed))
     u = torch.rand(T, E, generator=g, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)  # [T, E]

@@ -1,4 +1,4 @@
-"""Capacity, drop policies and overflow strategies (DESIGN.md §4): known answers and invariants.
+"""Capacity, drop policies and overflow strategies: known answers and invariants.
 
 Known-answer tests use small hand-made routings whose outcome is worked out in the comments;
 hypothesis tests check the invariants on skewed routings for every torch strategy.

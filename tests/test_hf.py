@@ -96,7 +96,7 @@ def test_from_hf_equals_block(arch, dtype):
     blocks = _blocks(model)
     assert len(blocks) == 2
     for block in blocks:
-        layer = moe_ref.MoELayer.from_hf(block)
+        layer = hf.from_hf(block)
         assert layer.cfg.renormalize is ARCHS[arch][3]
         assert layer.cfg.top_k == 2 and layer.cfg.num_experts == block.gate.weight.shape[0]
         assert isinstance(layer, hf.SharedExpertMoE) == (arch == "qwen2_moe")
@@ -177,7 +177,7 @@ def test_from_hf_errors():
     with pytest.raises(TypeError, match="block"):
         hf.from_hf(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="block"):
-        moe_ref.MoELayer.from_hf("not a module")
+        hf.from_hf("not a module")
 
 
 def test_import_moe_ref_does_not_import_transformers():

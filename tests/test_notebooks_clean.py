@@ -1,4 +1,4 @@
-"""Every notebook under notebooks/ is committed clean and follows the notebook rules (DESIGN.md §7).
+"""Every notebook under notebooks/ is committed clean and follows the notebook rules.
 
 - no outputs and no execution counts (outputs are produced by `make tour` / nbmake, never committed);
 - exactly one code cell tagged "parameters", and it reads MOE_REF_SMOKE (CI shrinks sizes with it);
