@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.moe_ref-setup
 TORCH_SPEC ?= torch==2.13.0
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: setup test tour lab bench gpu-check clean browser-deps
+.PHONY: setup check test tour lab bench gpu-check clean browser-deps
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ browser-deps:
 	  echo "NOTE: /usr/bin/chromium missing (not root or no apt-get): install Debian's chromium;"; \
 	  echo "      tests/test_browser.py skips without it, and fails when CI=true"; \
 	fi
+
+## make check: the fast tier for the edit-test loop (< 60 s): lint, the layering rules, the unit tests not
+## marked slow (no notebooks, browser, torchrun or GPU-run dry run).
+check: setup
+	$(BIN)/ruff check moe_ref kernels tests
+	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not slow" -p no:cacheprovider tests
 
 ## make test: lint, the unit tests (incl. the real-browser notebook test), every notebook under nbmake.
 test: setup browser-deps

@@ -42,7 +42,7 @@ from .router import Routing, validate_routing
 from .strategy import get_strategy
 
 __all__ = ["AllToAll", "AllGather", "EPRankStats", "check_world", "shard_bounds", "shard_experts",
-           "dispatch_splits", "local_expert_ids", "rank_program", "naive_rank_program"]
+           "dispatch_splits", "local_expert_ids", "rank_program", "naive_rank_program", "SCHEMES", "get_scheme"]
 
 
 # ----------------------------------------------------------------------------- collective requests
@@ -341,3 +341,14 @@ def naive_rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tenso
                         rerouted=cap.rerouted, traffic_rows=allv[:, :P], rank_load=allv[:, P],
                         rank_tokens=allv[:, P + 1])
     return y.to(x.dtype), stats
+
+
+# ----------------------------------------------------------------------------- schemes by name
+SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
+
+
+def get_scheme(name: str):
+    """The plan generator of scheme `name` ("grouped" all_to_all or "naive" all-gather); ValueError otherwise."""
+    if name not in SCHEMES:
+        raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {name!r}")
+    return SCHEMES[name]

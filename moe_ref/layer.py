@@ -50,7 +50,7 @@ def init_weights(cfg: MoEConfig, seed: int = 0, device=None, dtype: torch.dtype 
     return out
 
 
-def check_weights(cfg: MoEConfig, router_weight, w13, w2) -> None:
+def check_layer_weights(cfg: MoEConfig, router_weight, w13, w2) -> None:
     """router_weight [E, D], w13 [E, 2F, D], w2 [E, D, F]: floating tensors of one dtype on one device."""
     c = cfg
     want = {"router_weight": (c.num_experts, c.d_model), "w13": (c.num_experts, 2 * c.d_ff, c.d_model),
@@ -106,7 +106,7 @@ class MoELayer(nn.Module):
             check_float_dtype("dtype", dtype)
             w = init_weights(cfg, seed, device=device, dtype=dtype)
             weights = (w["router_weight"], w["w13"], w["w2"])
-        check_weights(cfg, *weights)
+        check_layer_weights(cfg, *weights)
         self.cfg = cfg
         for name, w in zip(("router_weight", "w13", "w2"), weights):
             self.register_parameter(name, nn.Parameter(w, requires_grad=False))  # no copy

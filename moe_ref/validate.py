@@ -1,7 +1,7 @@
 """Argument checks shared by the public entry points: one wording for each kind of mistake.
 
 Legend: none (scalars and types only; tensor shape checks live next to the tensors they check:
-router.check_x2d, router.validate_routing, layer.check_weights).
+router.check_x2d, router.validate_routing, layer.check_layer_weights).
 Each check raises TypeError for the wrong kind of value and ValueError for a value out of range,
 naming the argument, and returns the value so a caller can check and assign in one line.
 """

@@ -1,15 +1,18 @@
 """Dynamic batching: the asyncio DynamicBatcher and the Poisson simulator (moe_ref.batching)."""
 
 import asyncio
+import math
 import random
 import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_ref
 from helpers import assert_close, make_case
-from moe_ref.batching import DynamicBatcher, simulate_dynamic_batching
+from moe_ref.batching import DynamicBatcher, FlushRule, simulate_dynamic_batching
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -236,6 +239,67 @@ def test_batcher_bad_arguments(layer):
     b = DynamicBatcher(layer, max_batch_tokens=8, max_wait=0.1)
     with pytest.raises(RuntimeError, match="not running"):
         asyncio.run(b.submit(rows(2, 0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the flush rule: one rule, followed by the batcher and the simulator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_flush_rule_reasons_in_order():
+    rule = FlushRule(max_batch_tokens=16, max_wait=0.5)
+    assert rule.deadline(2.0) == 2.5
+    assert rule.reason(15, oldest_arrival=2.0, now=2.4) is None  # neither full nor timed out: wait
+    assert rule.reason(16, 2.0, 2.4) == "full"
+    assert rule.reason(16, 2.0, 9.0, closing=True) == "full"  # full is checked before close and timeout
+    assert rule.reason(3, 2.0, 2.4, closing=True) == "close"
+    assert rule.reason(3, 2.0, 9.0, closing=True) == "close"
+    assert rule.reason(3, 2.0, 2.5) == "timeout"  # at the deadline, not only after it
+    assert FlushRule(8, 0).reason(1, 5.0, 5.0) == "timeout"  # max_wait 0: no waiting
+    assert [FlushRule(8, 0.1).take(q) for q in ([], [3, 4, 5], [8, 1], [20, 1], [1, 20])] == [0, 2, 1, 1, 1]
+
+
+@given(lengths=st.lists(st.integers(1, 40), max_size=12), max_tokens=st.integers(1, 64))
+def test_flush_rule_takes_whole_requests_up_to_the_budget(lengths, max_tokens):
+    n = FlushRule(max_tokens, 0.1).take(iter(lengths))  # any iterable of L_i, in arrival order
+    assert n == 0 if not lengths else 1 <= n <= len(lengths)  # at least one: a long request runs alone
+    if n > 1:
+        assert sum(lengths[:n]) <= max_tokens
+    if n < len(lengths):
+        assert sum(lengths[:n + 1]) > max_tokens  # the next request would not fit
+
+
+@pytest.mark.parametrize("args, exc, err", [
+    ((0, 0.1), ValueError, "max_batch_tokens"), ((True, 0.1), TypeError, "max_batch_tokens"),
+    ((8.0, 0.1), TypeError, "max_batch_tokens"), ((8, -1.0), ValueError, "max_wait"),
+    ((8, math.inf), ValueError, "max_wait"), ((8, "1"), TypeError, "max_wait")])
+def test_flush_rule_bad_arguments(args, exc, err):
+    with pytest.raises(exc, match=err):
+        FlushRule(*args)
+
+
+def test_batcher_and_simulator_share_the_rule(layer):
+    b = DynamicBatcher(layer, max_batch_tokens=8, max_wait=0.25)
+    assert b.rule == FlushRule(8, 0.25) and (b.max_batch_tokens, b.max_wait) == (8, 0.25)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rate=st.sampled_from([20.0, 500.0, 5000.0]), max_tokens=st.sampled_from([1, 8, 64, 512]),
+       max_wait=st.sampled_from([0.0, 0.001, 0.02]), seed=st.integers(0, 1000))
+def test_simulator_dispatches_each_batch_at_the_rules_first_yes(rate, max_tokens, max_wait, seed):
+    s = simulate_dynamic_batching(CFG, arrival_rate=rate, num_requests=40, max_batch_tokens=max_tokens,
+                                  max_wait=max_wait, request_len=(1, 24), seed=seed, time_per_row_s=1e-6)
+    rule, arr, lens = FlushRule(max_tokens, max_wait), s.arrivals, s.lengths
+    free = 0.0
+    for b in s.batches:
+        i, t = b["first_request"], b["start"]
+        queued = [L for a, L in zip(arr[i:], lens[i:]) if a <= t]  # arrived by the start, not yet served
+        assert b["reason"] == rule.reason(sum(queued), arr[i], t) and b["num_requests"] == rule.take(queued)
+        ready = max(free, arr[i])  # the server is free and the oldest request is there
+        assert t >= ready
+        for e in [ready] * (ready < t) + [a for a in arr[i:] if ready < a < t]:  # each earlier moment it wakes
+            assert rule.reason(sum(L for a, L in zip(arr[i:], lens[i:]) if a <= e), arr[i], e) is None
+        free = b["end"]
 
 
 # ---------------------------------------------------------------------------------------------

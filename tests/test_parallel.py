@@ -7,6 +7,8 @@ bounded by a collective timeout and a hard kill, so a failure shows as an error,
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -16,9 +18,12 @@ from hypothesis import strategies as st
 
 import moe_ref
 from helpers import TOL, make_case
+from moe_ref.ep_plan import AllGather, get_scheme
 from moe_ref.parallel import (
     ep_forward,
+    launch_torchrun,
     run_local_group,
+    run_with_torch_distributed,
     shard_experts,
     simulate_ep,
     split_routing,
@@ -259,16 +264,16 @@ def test_plots_and_sweeps():
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
-    from moe_ref import plots, widgets
+    from moe_ref import experiments, plots, widgets
 
     before = set(plt.get_fignums())
-    small = widgets.ep_layer(8, 2, d_model=16, d_ff=16)
-    rows = widgets.ep_imbalance_sweep(small, [8, 64], [0.0, 2.0], world_size=4, trials=2)
+    small = experiments.ep_layer(8, 2, d_model=16, d_ff=16)
+    rows = experiments.ep_imbalance_sweep(small, [8, 64], [0.0, 2.0], world_size=4, trials=2)
     assert [(r["tokens"], r["skew"]) for r in rows] == [(8, 0.0), (64, 0.0), (8, 2.0), (64, 2.0)]
     assert all(1.0 <= r["imbalance"] <= r["imbalance_max"] <= 4.0 for r in rows)
     fig = plots.plot_ep_imbalance_sweep(rows)
     assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2 + 1  # two skews and the y=1 line
-    vol = widgets.comm_volume_sweep(small, tokens=40, world_sizes=(2, 4), skews=(0.0,))
+    vol = experiments.comm_volume_sweep(small, tokens=40, world_sizes=(2, 4), skews=(0.0,))
     for v in vol:  # naive moves 2*T*(P-1) rows of D float32 values; dedup never exceeds grouped
         assert v["naive"] == 2 * 40 * (v["world_size"] - 1) * 16 * 4 and v["dedup"] <= v["grouped"]
     fig = plots.plot_comm_volume(vol)
@@ -302,3 +307,77 @@ def test_unique_destinations_counts_each_rank_once():
 
     u = unique_destinations(r, 8, 2, token_splits=[2, 1])
     assert u.tolist() == [[2, 1], [0, 1]]  # token 0: experts 0, 1 both on rank 0 -> one row
+
+
+# ----------------------------------------------------------------------------- the torchrun CLI and the package
+@pytest.mark.slow
+@pytest.mark.parametrize("cli_args", [
+    ["--check", "--tokens", "64"],
+    ["--check", "--tokens", "60", "--uneven", "--skew", "1.5", "--capacity-factor", "0.75", "--overflow", "spill",
+     "--dtype", "float64"],
+    ["--check", "--tokens", "40", "--scheme", "naive", "--capacity-factor", "0.5"],
+])
+def test_torchrun_cli_check_passes(cli_args):
+    code, out = launch_torchrun(2, cli_args, timeout=150)
+    assert code == 0, out[-4000:]
+    assert "CHECK PASSED on all ranks" in out and out.count("check OK") == 2, out[-4000:]
+    assert "traffic matrix" in out and "[rank 1/2] backend=gloo" in out, out[-4000:]
+    if "spill" in cli_args:
+        assert "dropped=0" in out and "passes=1" not in out, out[-4000:]  # spill: several passes, none lost
+
+
+@pytest.mark.slow
+def test_torchrun_cli_bad_option_fails():
+    code, out = launch_torchrun(2, ["--preset", "no-such-model"], timeout=120)
+    assert code != 0 and "--preset" in out and "no-such-model" in out, out[-4000:]
+
+
+def test_module_entry_point_runs_without_warnings():
+    """`python -m moe_ref.parallel` (the torchrun target) imports cleanly: no runpy double-import warning."""
+    res = subprocess.run([sys.executable, "-W", "error", "-m", "moe_ref.parallel", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--check" in res.stdout and "--preset" in res.stdout and "Warning" not in res.stderr
+
+
+def test_cli_helpers():
+    from moe_ref.parallel.cli import PRESETS, _uneven_splits
+    from moe_ref.parallel.report import fmt_bytes
+
+    for T, P in ((256, 4), (7, 3), (5, 1), (0, 2)):
+        s = _uneven_splits(T, P)
+        assert len(s) == P and sum(s) == T and all(v >= 0 for v in s), (T, P, s)
+        if P > 1:
+            assert s[0] == 0 and s == sorted(s), s
+    assert [fmt_bytes(n) for n in (0, 1023, 2048, 3 * 2 ** 20)] == ["0 B", "1023 B", "2.0 KiB", "3.0 MiB"]
+    for D, F, E, K in PRESETS.values():
+        assert moe_ref.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K).top_k == K
+
+
+def test_transport_rejects_unknown_requests_and_schemes():
+    def prog():
+        yield "broadcast"
+
+    with pytest.raises(TypeError, match="unknown collective request str"):
+        run_with_torch_distributed(prog())
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        get_scheme("broadcast")
+    assert get_scheme("naive") is not get_scheme("grouped")
+
+
+def test_simulated_transport_catches_diverging_ranks():
+    from moe_ref.parallel.simulate import _run_lockstep
+
+    def short():
+        yield AllGather(torch.zeros(1, 2))
+        return "done"
+
+    def long():
+        yield AllGather(torch.zeros(1, 2))
+        yield AllGather(torch.zeros(1, 2))
+        return "done"
+
+    with pytest.raises(RuntimeError, match="ranks diverged"):
+        _run_lockstep([short(), long()])
+    done, meters = _run_lockstep([short(), short()])
+    assert done == ["done", "done"] and meters["meta"].tolist() == [[8, 8], [8, 8]]  # 2 float32 to each rank

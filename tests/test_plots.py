@@ -184,42 +184,6 @@ def test_plot_capacity_sweep_series_and_overflow_comparison():
     assert any("raised" in t.get_text() for t in fig.axes[0].texts)
 
 
-# ---------------------------------------------------------------- data helpers behind the panels
-
-
-def test_overflow_comparison_against_dropless():
-    layer = moe_ref.MoELayer(moe_ref.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2), seed=0)
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
-    r = moe_ref.skewed_routing(x, layer.router_weight, 2, skew=2.0)
-    rows = {row["overflow"]: row for row in widgets.overflow_comparison(layer, x, r, 1.0, reps=1)}
-    assert set(rows) == {"drop", "reroute", "spill", "dropless", "error"}
-    assert "capacity" in rows["error"]["error"]
-    assert rows["spill"]["rel_error"] < 1e-6 and rows["dropless"]["rel_error"] == 0.0
-    assert rows["drop"]["dropped"] > 0 and rows["drop"]["rel_error"] > 0
-    assert rows["spill"]["passes"] > 1
-
-
-def test_walkthrough_matches_reference_and_stage_times_keys():
-    layer = moe_ref.MoELayer(moe_ref.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2), dtype=torch.float64)
-    x = torch.randn(9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    st = widgets.walkthrough(layer, x)
-    y_ref = moe_ref.reference_moe(x, st["routing"], layer.w13, layer.w2)
-    torch.testing.assert_close(st["y"], y_ref, rtol=1e-9, atol=1e-10)
-    times = widgets.stage_times(layer, x, reps=1)
-    assert list(times) == ["route", "group", "permute", "expert FFNs (contiguous blocks)", "unpermute + combine"]
-    assert all(t > 0 for t in times.values())
-
-
-def test_sweeps_shapes():
-    cfg = moe_ref.MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2)
-    rows = widgets.batching_sweep(cfg, [0.0, 0.01], [8, 64], arrival_rate=100.0, num_requests=10)
-    assert [(r["max_batch_tokens"], r["max_wait"]) for r in rows] == [(8, 0.0), (8, 0.01), (64, 0.0), (64, 0.01)]
-    s = widgets.imbalance_samples([4, 64], 4, 2, trials=3)
-    assert list(s) == [4, 64] and all(len(v) == 3 and min(v) >= 1.0 for v in s.values())
-    t = widgets.sort_times([8, 16], 4, 2, reps=1)
-    assert set(t) == {"argsort", "counting"} and all(len(v) == 2 for v in t.values())
-
-
 # ---------------------------------------------------------------- panels
 
 

@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 import moe_ref
 from helpers import assert_close, hand_routing, make_case
+from moe_ref import grouped
+from moe_ref.grouped import expert_blocks, grouped_steps
 
 TORCH_STRATEGIES = ["dense", "loop", "grouped", "grouped_mm", "padded"]
 F64 = ["dense", "loop", "grouped", "padded"]  # grouped_mm has no float64 kernel
@@ -115,3 +117,59 @@ def test_padded_counts_padding():
     r = hand_routing([[0]] * 20 + [[1]] * 7 + [[2]] * 3)
     s = layer(x, strategy="padded", routing=r).stats
     assert s.computed_rows == 3 * 20 and s.padded_slots == 60 - 30
+
+
+# ---------------------------------------------------------------- the grouped pipeline, step by step
+
+
+@given(cfg=configs(), method=st.sampled_from(["argsort", "counting"]), drop=st.booleans())
+def test_grouped_steps_intermediates_and_output(cfg, method, drop):
+    T, D, F, E, K, renorm, seed = cfg
+    layer, x = make_case(T, D, F, E, K, seed=seed, renormalize=renorm)
+    r = layer.route(x)
+    if drop and T:  # some assignments dropped (-1), as capacity leaves them
+        r = hand_routing(r.topk_ids.masked_fill(torch.arange(T * K).view(T, K) % 3 == 0, -1), r.topk_weights)
+    s = grouped_steps(x, r, layer.w13, layer.w2, method=method)
+    kept = r.topk_ids[r.topk_ids >= 0]
+    assert s.plan.counts.tolist() == torch.bincount(kept, minlength=E).tolist()
+    assert torch.equal(s.xs, x[s.plan.token_ids])  # permute is a gather of token rows
+    blocks = list(expert_blocks(s.plan))
+    assert [e for e, _ in blocks] == [e for e in range(E) if s.plan.counts[e] > 0]
+    assert [(b.start, b.stop) for _, b in blocks] == [(int(s.plan.offsets[e]), int(s.plan.offsets[e + 1]))
+                                                      for e, _ in blocks]
+    for e, rows in blocks:  # each block went through its own expert
+        assert torch.equal(s.ys[rows], moe_ref.expert_ffn(s.xs[rows], layer.w13[e], layer.w2[e]))
+    assert_close(s.y, moe_ref.reference_moe(x, r, layer.w13, layer.w2))
+    strategy = moe_ref.strategy.get_strategy("grouped")  # the registered function (ids -1 allowed)
+    assert torch.equal(s.y, strategy(x, r, layer.w13, layer.w2).y)  # the strategy is these steps, bit for bit
+
+
+def test_grouped_strategy_runs_the_one_expert_loop(monkeypatch):
+    layer, x = make_case(40, 16, 8, 6, 2, seed=1)
+    r = hand_routing(torch.stack([torch.zeros(40, dtype=torch.long), torch.full((40,), 3)], 1))  # experts 0, 3
+    seen = []
+
+    def spy(plan):
+        for e, rows in expert_blocks(plan):
+            seen.append(e)
+            yield e, rows
+
+    monkeypatch.setattr(grouped, "expert_blocks", spy)
+    y = layer(x, strategy="grouped", routing=r).output
+    assert seen == [0, 3]
+    assert_close(y, moe_ref.reference_moe(x, r, layer.w13, layer.w2))
+
+
+def test_grouped_steps_bad_input():
+    layer, x = make_case(5, 16, 8, 4, 2)
+    r = layer.route(x)
+    with pytest.raises(ValueError, match="x must be"):
+        grouped_steps(x[:, :8], r, layer.w13, layer.w2)
+    with pytest.raises(ValueError, match="routing has 5 tokens"):
+        grouped_steps(x[:3], r, layer.w13, layer.w2)
+    with pytest.raises(TypeError, match="routing must be"):
+        grouped_steps(x, r.topk_ids, layer.w13, layer.w2)
+    with pytest.raises(TypeError, match="dtype"):
+        grouped_steps(x.float(), r, layer.w13, layer.w2)
+    with pytest.raises(ValueError, match="method"):
+        grouped_steps(x, r, layer.w13, layer.w2, method="bubble")

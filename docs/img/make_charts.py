@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 import moe_ref
+from moe_ref.experiments import DEFAULT_COST, batching_sweep
+from moe_ref.grouped import grouped_steps
 from moe_ref.plots import plot_capacity_sweep, plot_grouping, plot_latency_throughput, plot_naive_work, plot_token_flow
-from moe_ref.widgets import batching_sweep, walkthrough
-from moe_ref.widgets.batching import DEFAULT_COST
 
 OUT = Path(__file__).resolve().parent
 
@@ -39,8 +39,10 @@ def main() -> None:
                                                     title="10 tokens, E=8, K=2: before and after group_by_expert")
 
         tiny = moe_ref.MoELayer(moe_ref.MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2), seed=0)
-        st = walkthrough(tiny, torch.randn(6, 16, generator=torch.Generator().manual_seed(2)))
-        charts["04_permutation"] = plot_token_flow(st["routing"].topk_ids, st["routing"].topk_weights, st["plan"])
+        xt = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+        rt = tiny.route(xt)
+        plan = grouped_steps(xt, rt, tiny.w13, tiny.w2).plan
+        charts["04_permutation"] = plot_token_flow(rt.topk_ids, rt.topk_weights, plan)
 
         table = moe_ref.capacity_quality_table(layer, x[:1024], [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0],
                                                [0.0, 0.5, 1.0, 2.0], overflows=("drop",))

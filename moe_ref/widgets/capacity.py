@@ -1,47 +1,13 @@
-"""Notebook 05 helpers: the overflow strategies side by side, load vs capacity, and the panel.
+"""Panel for notebook 05: each expert's load against its capacity, with sliders.
 
-Legend: T tokens, D d_model, E experts, K top-k, C capacity per expert.
-Uses moe_ref.apply_capacity / MoELayer(capacity=...) and moe_ref.metrics; charts are the pure functions
-of moe_ref.plots.capacity.
+Legend: T tokens, E experts, K top-k, C capacity per expert.
+The routing is moe_ref.skew.random_routing (Zipf `skew`), capacity is moe_ref.apply_capacity;
+the chart is moe_ref.plots.plot_capacity_load, the same pure function the notebook calls first.
 """
 
 from __future__ import annotations
 
-__all__ = ["overflow_comparison", "capacity_figure", "capacity_panel"]
-
-
-def overflow_comparison(layer, x, routing, capacity_factor: float, drop_policy: str = "position",
-                        strategy: str = "padded", overflows=("drop", "reroute", "spill", "dropless", "error"),
-                        reps: int = 3) -> list[dict]:
-    """One row per overflow strategy on the same routing of x [T, D]: error vs dropless, cost, or the error raised.
-
-    Row: overflow, capacity, dropped, dropped_tokens, rerouted, passes, computed_rows, padded_slots,
-    drop_share, rel_error (vs the dropless output), seconds (median), error (message or None), output.
-    """
-    import torch
-
-    from ..bench import time_cpu
-    from ..config import CapacityConfig
-    from ..metrics import drop_share, relative_error
-
-    with torch.inference_mode():
-        base = layer(x, strategy=strategy, routing=routing).output  # dropless
-        rows = []
-        for ov in overflows:
-            cap = CapacityConfig(capacity_factor=capacity_factor, drop_policy=drop_policy, overflow=ov)
-            try:
-                out = layer(x, strategy=strategy, routing=routing, capacity=cap)
-            except ValueError as e:
-                rows.append(dict(overflow=ov, error=str(e), rel_error=float("nan"), computed_rows=0, padded_slots=0,
-                                 passes=0, seconds=float("nan"), output=None))
-                continue
-            s = out.stats
-            sec = time_cpu(lambda cap=cap: layer(x, strategy=strategy, routing=routing, capacity=cap), reps=reps)
-            rows.append(dict(overflow=ov, error=None, capacity=s.capacity, dropped=s.dropped,
-                             dropped_tokens=s.dropped_tokens, rerouted=s.rerouted, passes=s.passes,
-                             computed_rows=s.computed_rows, padded_slots=s.padded_slots, drop_share=drop_share(s),
-                             rel_error=relative_error(out.output, base), seconds=sec, output=out.output))
-    return rows
+__all__ = ["capacity_figure", "capacity_panel"]
 
 
 def capacity_figure(skew: float = 1.0, capacity_factor: float = 1.25, drop_policy: str = "position",

@@ -7,7 +7,7 @@ chart: moe_ref.plots.plot_grouping, the same pure function the notebook calls fi
 
 from __future__ import annotations
 
-__all__ = ["grouping_figure", "grouping_panel", "sort_times"]
+__all__ = ["grouping_figure", "grouping_panel"]
 
 
 def grouping_figure(tokens: int = 12, experts: int = 4, top_k: int = 2, skew: float = 0.0, method: str = "argsort",
@@ -21,20 +21,6 @@ def grouping_figure(tokens: int = 12, experts: int = 4, top_k: int = 2, skew: fl
     r = random_routing(tokens, experts, K, skew=skew, seed=seed)
     return plot_grouping(r.topk_ids, group_by_expert(r.topk_ids, experts, method=method),
                          title=f"method={method!r}, skew={skew:g}")
-
-
-def sort_times(tokens, experts: int, top_k: int, skew: float = 0.0, reps: int = 5, seed: int = 0) -> dict:
-    """{"argsort": [...], "counting": [...]} median seconds of group_by_expert for each T in `tokens`."""
-    from ..bench import time_cpu
-    from ..grouping import GROUPING_METHODS, group_by_expert
-    from ..skew import random_routing
-
-    out: dict[str, list[float]] = {m: [] for m in GROUPING_METHODS}
-    for T in tokens:
-        ids = random_routing(T, experts, top_k, skew=skew, seed=seed).topk_ids  # [T, K]
-        for m in GROUPING_METHODS:
-            out[m].append(time_cpu(lambda m=m, ids=ids: group_by_expert(ids, experts, method=m), reps=reps))
-    return out
 
 
 def grouping_panel(max_tokens: int = 32, max_experts: int = 12):

@@ -1,64 +1,14 @@
-"""Notebook 04 helpers: the grouped pipeline stage by stage (with intermediates and timings), and its panel.
+"""Panel for notebook 04: the token-flow picture (route -> group -> permute -> unpermute), with sliders.
 
-Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
-`walkthrough` runs route -> group -> permute -> expert FFN per contiguous block -> unpermute + combine
-with the library's functions and returns every intermediate, so a notebook can show and check each one;
-the "grouped" strategy (moe_ref.grouped) does the same steps in one call.
+Legend: T tokens, E experts, K top-k.
+The routing is moe_ref.skew.random_routing (Zipf `skew`), the plan moe_ref.group_by_expert; the chart is
+moe_ref.plots.plot_token_flow, the same pure function the notebook calls first. The pipeline itself,
+step by step, is moe_ref.grouped.grouped_steps.
 """
 
 from __future__ import annotations
 
-__all__ = ["walkthrough", "stage_times", "token_flow_figure", "token_flow_panel"]
-
-
-def expert_blocks(xs, plan, w13, w2):
-    """ys [N, D]: each expert's FFN on its contiguous block xs[offsets[e]:offsets[e+1]] (one GEMM pair each)."""
-    import torch
-
-    from ..reference import expert_ffn
-
-    ys = torch.empty_like(xs)  # [N, D]
-    bounds = plan.offsets.tolist()
-    for e in range(plan.num_experts):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            ys[lo:hi] = expert_ffn(xs[lo:hi], w13[e], w2[e])
-    return ys
-
-
-def walkthrough(layer, x, method: str = "argsort", routing=None) -> dict:
-    """Run the grouped pipeline on x [T, D] step by step: routing, plan, xs [N, D], ys [N, D], y [T, D]."""
-    from ..grouping import group_by_expert
-    from ..permute import permute, unpermute
-
-    r = routing if routing is not None else layer.route(x)
-    plan = group_by_expert(r.topk_ids, layer.cfg.num_experts, method=method)
-    xs = permute(x, plan)  # [N, D] grouped copy of the token rows
-    ys = expert_blocks(xs, plan, layer.w13, layer.w2)  # [N, D]
-    y = unpermute(ys, plan, r.topk_weights)  # [T, D]
-    return dict(routing=r, plan=plan, xs=xs, ys=ys, y=y)
-
-
-def stage_times(layer, x, reps: int = 5) -> dict:
-    """Median seconds of each stage of the grouped pipeline on x [T, D] (keys in pipeline order)."""
-    import torch
-
-    from ..bench import time_cpu
-    from ..grouping import group_by_expert
-    from ..permute import permute, unpermute
-
-    E = layer.cfg.num_experts
-    with torch.inference_mode():
-        st = walkthrough(layer, x)
-        r, plan, xs, ys = st["routing"], st["plan"], st["xs"], st["ys"]
-        return {
-            "route": time_cpu(lambda: layer.route(x), reps=reps),
-            "group": time_cpu(lambda: group_by_expert(r.topk_ids, E), reps=reps),
-            "permute": time_cpu(lambda: permute(x, plan), reps=reps),
-            "expert FFNs (contiguous blocks)": time_cpu(lambda: expert_blocks(xs, plan, layer.w13, layer.w2),
-                                                        reps=reps),
-            "unpermute + combine": time_cpu(lambda: unpermute(ys, plan, r.topk_weights), reps=reps),
-        }
+__all__ = ["token_flow_figure", "token_flow_panel"]
 
 
 def token_flow_figure(tokens: int = 6, experts: int = 4, top_k: int = 2, skew: float = 0.0, seed: int = 0):
