@@ -61,7 +61,7 @@ lab: setup
 bench: setup
 	$(BIN)/python -m moe_ref.bench
 
-## make gpu-check: GPU tests and a quick benchmark sweep on a CUDA machine, < 8 min on one H200; uses the
+## make gpu-check: GPU tests, a benchmark sweep and tuning on a CUDA machine in about 510 s; uses the
 ## machine's python3 (PYTHON=...), installs nothing from the network; results under OUT (build/gpu-check/).
 gpu-check:
 	bash scripts/gpu_check.sh

@@ -8,6 +8,8 @@ JSON (machine, versions, shapes, medians) and a PNG chart under build/bench/.
 shapes x token counts x providers incl. triton and Hugging Face's experts, against the measured
 copy bandwidth and matmul rate) and writes gpu.json + PNG charts under --out (build/bench-gpu).
 `python -m moe_ref.bench --plot RESULT.json` redraws the charts of a saved device result.
+`python -m moe_ref.bench --merge a.json b.json --out gpu.json [--charts]` joins device results (one
+process per shape, as make gpu-check runs them) into one; a missing or unreadable file is noted, not fatal.
 Speed goals are ratios printed here, never timed tests.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_gpu import _progress
 from .config import MoEConfig
 from .layer import MoELayer
 from .reference import swiglu
@@ -117,25 +120,6 @@ def bench_cpu(shape: Shape, token_counts, dtypes, strategies, reps: int, progres
     return rows
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="bench", unit="case")
-    except ImportError:
-        return _NoBar()
-
-
 def print_table(rows: list[dict]) -> None:
     print(f"{'shape':14} {'dtype':5} {'T':>6} {'provider':11} {'ms':>10} {'x bound':>8}")
     for r in rows:
@@ -172,7 +156,24 @@ def main(argv=None) -> int:
                    help="only redraw the charts of a saved device result (gpu.json) or tuning file (tuned.json)")
     g.add_argument("--tuned", nargs="+", default=[], metavar="JSON",
                    help="tile-config tables from `python -m moe_ref.kernels.tune` for the triton provider")
+    g.add_argument("--name", default="gpu", help="stem of the JSON and chart files written under --out")
+    g.add_argument("--no-charts", action="store_true", help="write the JSON only (charts later with --plot)")
+    g.add_argument("--crosscheck-elements", type=int, default=None, metavar="N",
+                   help="shapes whose w13 holds more than N elements (default 2^31) always get triton compared "
+                        "with grouped at their first token count, time limit or not")
+    m = p.add_argument_group("merging device results (--merge)")
+    m.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="join device results into one JSON: --out is the file (or a folder for gpu.json)")
+    m.add_argument("--charts", action="store_true", help="with --merge: also draw the merged result's charts")
     args = p.parse_args(argv)
+    if args.merge and (args.gpu or args.plot):
+        p.error("--merge cannot be combined with --gpu or --plot")
+    if args.charts and not args.merge:
+        p.error("--charts goes with --merge (a sweep draws its charts unless --no-charts)")
+    if args.crosscheck_elements is not None and args.crosscheck_elements < 0:
+        p.error(f"--crosscheck-elements must be >= 0, got {args.crosscheck_elements}")
+    if args.merge:
+        return merge_main([Path(f) for f in args.merge], Path(args.out) if args.out else None, args.charts)
     if args.plot:
         return plot_main(Path(args.plot), Path(args.out) if args.out else None)
     if args.gpu:
@@ -207,6 +208,12 @@ def gpu_main(args) -> int:
     shapes = [SHAPES[s] for s in (args.shapes or bg.GPU_SHAPES)]
     tokens = args.tokens or list(bg.QUICK_TOKENS if args.quick else bg.GPU_TOKENS)
     providers = args.providers or list(bg.GPU_PROVIDERS)
+    from .strategy import strategy_names
+
+    unknown = [n for n in providers if n not in bg.GPU_PROVIDERS and n not in strategy_names()]
+    if unknown:
+        print(f"--providers: unknown {unknown}; choose from {sorted(set(bg.GPU_PROVIDERS) | set(strategy_names()))}")
+        return 2
     budget = args.budget_ms or (60.0 if args.quick else 200.0)
     cap = args.cap_ms or (150.0 if args.quick else 1000.0)
     timer = bg.Timer(device, mode=args.timer, budget_ms=budget, min_reps=3 if args.quick else 5,
@@ -223,7 +230,8 @@ def gpu_main(args) -> int:
 
     out = Path(args.out or "build/bench-gpu")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "gpu.json"
+    path = out / f"{args.name}.json"
+    cross = {} if args.crosscheck_elements is None else dict(crosscheck_elements=args.crosscheck_elements)
 
     def stamp(msg: str) -> None:
         print(f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -240,17 +248,71 @@ def gpu_main(args) -> int:
     stamp(f"measured copy {limits['copy_Bps'] / 1e9:.0f} GB/s, matmul {limits['matmul_flops'] / 1e12:.1f} TFLOP/s")
     result = bg.run_sweep(shapes, tokens, providers, device=device, dtype=DTYPES[args.dtype], skew=args.skew,
                           timer=timer, cap_ms=cap, time_limit_s=args.time_limit, limits=limits,
-                          on_progress=partial, progress=not args.no_progress)
+                          on_progress=partial, progress=not args.no_progress, **cross)
     result["settings"].update(quick=args.quick, tuned_configs=tuned)
     bg.write_json(result, path)
     bg.print_summary(result)
-    if _have_matplotlib():
-        for pth in bg.write_charts(result, out):
+    if args.no_charts:
+        stamp(f"charts not drawn (--no-charts): python -m moe_ref.bench --plot {path.name}")
+    elif _have_matplotlib():
+        for pth in bg.write_charts(result, out, prefix=args.name):
             stamp(f"wrote {pth}")
     else:
         stamp(f"matplotlib is not installed here: no charts; redraw them elsewhere with "
               f"`python -m moe_ref.bench --plot {path.name}`")
     stamp(f"wrote {path}")
+    return 0
+
+
+def read_device_results(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """The device results among `paths`, and a note for each file that is missing, unreadable or not one."""
+    parts, notes = [], []
+    for path in paths:
+        try:
+            res = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            notes.append(f"{Path(path).name}: missing (its process wrote no result)")
+            continue
+        except (OSError, ValueError) as e:
+            notes.append(f"{Path(path).name}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if not isinstance(res, dict) or res.get("kind") != "device":
+            notes.append(f"{Path(path).name}: not a device result")
+            continue
+        parts.append(res)
+    return parts, notes
+
+
+def merge_main(paths: list[Path], out: Path | None, charts: bool) -> int:
+    """Join device results into one JSON (default: gpu.json beside the first); charts too with `charts`."""
+    from . import bench_gpu as bg
+
+    parts, notes = read_device_results(paths)
+    for n in notes:
+        print(f"--merge: {n}")
+    if not parts:
+        print("--merge: none of the files holds a device result; nothing written")
+        return 2
+    try:
+        merged = bg.merge_results(parts)
+    except ValueError as e:
+        print(f"--merge: {e}")
+        return 2
+    merged["notes"] += notes
+    merged["sources"] = [Path(p).name for p in paths]
+    dest = out or paths[0].parent
+    dest = dest if dest.suffix == ".json" else dest / "gpu.json"
+    bg.write_json(merged, dest)
+    ok = sum(r.get("status") == "ok" for r in merged["rows"])
+    print(f"merged {len(parts)} of {len(paths)} results ({', '.join(merged['shapes'])}): {ok} of "
+          f"{len(merged['rows'])} cases measured, complete={merged['complete']}; wrote {dest}")
+    for c in merged["crosschecks"]:
+        print(f"cross-check triton vs grouped at {c['shape']}: {c['flag']}")
+    if charts and _have_matplotlib():
+        for pth in bg.write_charts(merged, dest.parent, prefix=dest.stem):
+            print(f"wrote {pth}")
+    elif charts:
+        print("the charts need matplotlib: none drawn")
     return 0
 
 
