@@ -59,7 +59,7 @@ lab: setup
 
 ## make bench: CPU benchmark of the strategies (JSON + PNG under build/bench/).
 bench: setup
-	$(BIN)/python -m moe_ref.bench
+	$(BIN)/python -m moe_ref.bench cpu
 
 ## make gpu-check: GPU tests, a benchmark sweep and tuning on a CUDA machine in about 510 s; uses the
 ## machine's python3 (PYTHON=...), installs nothing from the network; results under OUT (build/gpu-check/).

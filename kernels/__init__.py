@@ -5,9 +5,10 @@ Importing this module registers strategy "triton" with moe_ref. Modules:
   fused_moe.py    gather-GEMM-SwiGLU, GEMM-gate-weight, combine over K (+ torch references)
   topk_gating.py  fused softmax/sigmoid + top-k + renormalisation (+ torch reference)
   configs.py      tile configs by token count, tuned tables per GPU (load_tuned_configs; tuned/*.json ship)
-  tune.py         times candidate configs on the GPU at hand, writes a tuned table (python -m moe_ref.kernels.tune)
-  backend.py      interpreter_active(), require_backend(): where the kernels can run
-  compile_check.py  compiles every kernel for sm_90 without a GPU (python -m moe_ref.kernels.compile_check)
+  backend.py      interpreter_active(), require_backend(): where the kernels can run; device_limits()
+                  (SM count, shared memory per block) that configs are fitted to
+  compile_check.py  compiles every kernel for sm_90 without a GPU and audits it for 32-bit pointer
+                  offsets (python -m moe_ref.kernels.compile_check)
   forward.py      the whole forward from x (router GEMM + all of the above)
   strategy.py     strategy "triton" for MoELayer (registered on import)
 On a machine without a GPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1

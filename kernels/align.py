@@ -12,6 +12,9 @@ Counting sort, as in vLLM's moe_align_block_size, built from four small kernels:
 Rows not filled hold the sentinel S (padding lives only in this index array). Within an expert,
 slots keep token order, so the rows match moe_ref.group_by_expert. Dropped slots (id -1) are
 skipped. Every buffer has a size known from shapes alone, so nothing waits for the device.
+Row and slot ids are int32 (align_block_size checks that the padded length stays below 2^31);
+offsets into the buffers are formed in int64 all the same (program ids widened before they are
+scaled), as compile_check demands.
 For few slots (decode) the same four steps run in ONE program (_align_one_program_kernel): two
 passes over the slots, no buffer fills, one launch instead of three fills and four kernels, which
 is most of the alignment's cost when a step moves a few hundred bytes.
@@ -85,8 +88,8 @@ def _count_kernel(
     BLOCK_S: tl.constexpr,  # slots per chunk (one program per chunk)
     BLOCK_E: tl.constexpr,  # next power of two >= E
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S] slot ids
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S] int64 slot ids
     ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)  # [BLOCK_S]
     experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
     onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_S, BLOCK_E]; -1 matches nothing
@@ -94,7 +97,7 @@ def _count_kernel(
     rank = tl.sum(before * onehot, axis=1)  # [BLOCK_S]
     tl.store(rank_ptr + offs, rank, mask=offs < num_slots)
     counts = tl.sum(onehot, axis=0)  # [BLOCK_E]
-    tl.store(chunk_counts_ptr + experts * num_chunks + pid, counts, mask=experts < num_experts)
+    tl.store(chunk_counts_ptr + experts.to(tl.int64) * num_chunks + pid, counts, mask=experts < num_experts)
 
 
 @triton.jit
@@ -105,7 +108,7 @@ def _scan_kernel(
     num_chunks,  # chunks of slots
     BLOCK_C: tl.constexpr,  # chunks scanned per step
 ):
-    e = tl.program_id(0)  # one program per expert
+    e = tl.program_id(0).to(tl.int64)  # one program per expert
     carry = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)  # running total (scalar)
     for c0 in range(0, num_chunks, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -128,7 +131,7 @@ def _offsets_kernel(
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_B: tl.constexpr,  # M-blocks labelled per program
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
     emask = experts < num_experts
     counts = tl.load(counts_ptr + experts, mask=emask, other=0)  # [BLOCK_E]
@@ -138,7 +141,7 @@ def _offsets_kernel(
     if pid == 0:
         tl.store(expert_start_ptr + experts, ends - padded, mask=emask)
         tl.store(num_padded_ptr, total)
-    blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    blocks = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B] int64
     row = blocks * BLOCK_M  # [BLOCK_B] first row of each block
     # the expert of a block = how many experts end at or before its first row
     done = (ends[None, :] <= row[:, None]) & emask[None, :]  # [BLOCK_B, BLOCK_E]
@@ -158,15 +161,15 @@ def _scatter_kernel(
     num_chunks,  # cdiv(S, BLOCK_S)
     BLOCK_S: tl.constexpr,  # slots per chunk, as in _count_kernel
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S] int64 slot ids
     ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)  # [BLOCK_S]
     keep = ids >= 0
     e = tl.where(keep, ids, 0)  # [BLOCK_S] safe index for dropped slots
     rank = tl.load(rank_ptr + offs, mask=keep, other=0)
     start = tl.load(expert_start_ptr + e, mask=keep, other=0)
-    chunk_start = tl.load(chunk_offsets_ptr + e * num_chunks + pid, mask=keep, other=0)
-    tl.store(sorted_slot_ids_ptr + start + chunk_start + rank, offs, mask=keep)
+    chunk_start = tl.load(chunk_offsets_ptr + e.to(tl.int64) * num_chunks + pid, mask=keep, other=0)
+    tl.store(sorted_slot_ids_ptr + start + chunk_start + rank, offs.to(tl.int32), mask=keep)
 
 
 @triton.jit
@@ -193,11 +196,11 @@ def _align_one_program_kernel(
         offs = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S]
         ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)  # -1 matches nothing
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [BLOCK_E] rounded up to BLOCK_M
-    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] inclusive: one past each expert's last row
-    starts = ends - padded  # [BLOCK_E] first row of each expert
+    padded = ((counts + BLOCK_M - 1) // BLOCK_M).to(tl.int64) * BLOCK_M  # [BLOCK_E] rounded up to BLOCK_M
+    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E] int64 inclusive: one past each expert's last row
+    starts = ends - padded  # [BLOCK_E] first row of each expert (an offset of pass 2's stores)
     total = tl.sum(padded, axis=0)  # scalar
-    tl.store(num_padded_ptr, total)
+    tl.store(num_padded_ptr, total.to(tl.int32))
     # every M-block's expert, and every row cleared to the sentinel (pass 2 overwrites the real ones)
     for b0 in range(0, num_blocks, BLOCK_B):
         blocks = b0 + tl.arange(0, BLOCK_B)  # [BLOCK_B]
@@ -214,9 +217,10 @@ def _align_one_program_kernel(
     for s0 in range(0, num_slots, BLOCK_S):
         offs = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S]
         ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_S, BLOCK_E]
-        rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)  # [BLOCK_S] earlier, same expert
-        base = tl.sum((starts + placed)[None, :] * onehot, axis=1)  # [BLOCK_S]
+        hit = ids[:, None] == experts[None, :]  # [BLOCK_S, BLOCK_E]
+        onehot = hit.to(tl.int32)
+        rank = tl.sum(tl.where(hit, tl.cumsum(onehot, axis=0) - onehot, 0), axis=1)  # [BLOCK_S] earlier, same expert
+        base = tl.sum(tl.where(hit, (starts + placed)[None, :], 0), axis=1)  # [BLOCK_S] its expert's next row
         tl.store(sorted_slot_ids_ptr + base + rank, offs, mask=ids >= 0)
         placed += tl.sum(onehot, axis=0)
 
@@ -243,6 +247,9 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int, met
     S, E, dev = T * K, num_experts, topk_ids.device
     require_backend(topk_ids)
     max_padded = max_padded_rows(S, E, block_m)
+    if max_padded >= 2**31:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} has T*K = {S} slots: with E = {E} and block_m = "
+                         f"{block_m} the plan needs {max_padded} rows, past the int32 row ids (< 2^31)")
     num_blocks = max_padded // block_m
     if S > 0 and (method == "one_program" or (method == "auto" and S <= ONE_PROGRAM_MAX_SLOTS)):
         return _align_one_program(topk_ids, E, block_m, max_padded)

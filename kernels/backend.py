@@ -1,11 +1,13 @@
 """Where the kernels can run: a CUDA device, or Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
 
+Legend: SM streaming multiprocessors; smem shared memory (bytes).
 Nothing here touches triton.runtime.driver, so it is safe on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,6 +50,40 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
         return (f"Triton {triton_version}'s CPU interpreter does not work with numpy {numpy_version} (it converts "
                 f"1-element arrays with int(), an error since numpy 2.4): install triton>=3.7 or numpy<2.4")
     return None
+
+
+class DeviceLimits(NamedTuple):
+    """What tile configs are sized against: SMs to fill with programs, shared memory one block may use."""
+
+    sm_count: int  # streaming multiprocessors
+    smem_per_block: int  # bytes of shared memory one block may use (the opt-in maximum)
+
+
+# H100 / H200 (sm_90): 132 SMs, 227 KiB of shared memory per block; used without a CUDA device (compile_check
+# for sm_90, the interpreter) and wherever torch does not report the opt-in maximum of a Hopper GPU
+SM90_LIMITS = DeviceLimits(sm_count=132, smem_per_block=232448)
+
+
+def device_limits(device: torch.device | str | None = None) -> DeviceLimits:
+    """The SM count and per-block shared memory of a CUDA device (torch.cuda.get_device_properties);
+    SM90_LIMITS for anything else (None, the CPU, the interpreter)."""
+    if isinstance(device, str):
+        device = torch.device(device)
+    if device is None or device.type != "cuda":
+        return SM90_LIMITS
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> DeviceLimits:
+    props = torch.cuda.get_device_properties(index)
+    if hasattr(props, "shared_memory_per_block_optin"):
+        smem = props.shared_memory_per_block_optin
+    elif props.major == 9:
+        smem = SM90_LIMITS.smem_per_block
+    else:  # the default per-block limit every CUDA GPU has (48 KiB): small tiles, but they launch
+        smem = getattr(props, "shared_memory_per_block", 48 * 1024)
+    return DeviceLimits(sm_count=props.multi_processor_count, smem_per_block=int(smem))
 
 
 def require_backend(x: torch.Tensor) -> None:

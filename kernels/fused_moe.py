@@ -13,9 +13,11 @@ P = max_padded grouped rows (see align.py), BLOCK_M/N/K tile sizes.
      experts are hit (decode), still no atomics.
   3. _combine_kernel: y[t] = sum over k (and over the split planes) of slot_out[., t*K + k] in fp32,
      in a fixed order (deterministic); dropped slots (id -1) are skipped.
-fp32 accumulation throughout. Row offsets are computed in int64, since S*D and E*2F*D exceed
-2^31 at real sizes. Nothing reads a device value on the host, so the whole forward can be
-captured in a CUDA graph.
+fp32 accumulation throughout. Every offset that reaches a pointer is computed in int64: the
+strides are widened to int64 on entry and program ids before they are scaled, since S*D,
+SPLIT_K*S*D and E*2F*D pass 2^31 at real sizes (compile_check audits the compiled code for a
+32-bit multiply feeding an address). Nothing reads a device value on the host, so the whole
+forward can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from triton.runtime.errors import OutOfResources
 from moe_ref.reference import check_weights, swiglu
 
 from .align import AlignedPlan, align_block_size, align_single_token
-from .backend import cdiv, interpreter_active, next_pow2, require_backend
+from .backend import SM90_LIMITS, cdiv, device_limits, interpreter_active, next_pow2, require_backend
 from .configs import get_config, launch_configs, split_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,8 +41,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _tile_ids(pid, num_m_blocks, num_n_tiles, GROUP_M: tl.constexpr):
-    """(M-block, N-tile) of program pid, walking GROUP_M M-blocks per column of N-tiles (L2 reuse)."""
-    per_group = GROUP_M * num_n_tiles
+    """(M-block, N-tile) of program pid (int64), walking GROUP_M M-blocks per column of N-tiles (L2 reuse);
+    int64 results, ready to scale into offsets."""
+    per_group = GROUP_M * tl.cast(num_n_tiles, tl.int64)
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(num_m_blocks - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_m
@@ -71,21 +74,25 @@ def _gate_up_kernel(
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter: bf16 dot is wrong there)
     IEEE_FP32: tl.constexpr,  # fp32 inputs: full-precision dot instead of TF32
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
+    stride_xt, stride_xd = tl.cast(stride_xt, tl.int64), tl.cast(stride_xd, tl.int64)  # every product below
+    stride_we, stride_wn, stride_wd = tl.cast(stride_we, tl.int64), tl.cast(stride_wn, tl.int64), \
+        tl.cast(stride_wd, tl.int64)  # that reaches a pointer is formed in int64
+    stride_am, stride_af = tl.cast(stride_am, tl.int64), tl.cast(stride_af, tl.int64)
+    pid_m, pid_n = _tile_ids(tl.program_id(0).to(tl.int64), num_m_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return  # past the padded end: nothing to do
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:
         return  # a block of dropped slots (T=1 path)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] grouped rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64 grouped rows
     slot = tl.load(sorted_slot_ids_ptr + offs_m)  # [BLOCK_M]
     row_ok = slot < num_slots  # padding rows read zeros
     tok = (slot // top_k).to(tl.int64)  # [BLOCK_M] token rows to gather
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] columns of F
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] int64 columns of F
     n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd  # [BLOCK_M, BLOCK_K] gather
-    g_ptrs = w13_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wd
+    g_ptrs = w13_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wd
     u_ptrs = g_ptrs + F * stride_wn  # [BLOCK_K, BLOCK_N] the up half
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -106,7 +113,7 @@ def _gate_up_kernel(
         g_ptrs += BLOCK_K * stride_wd
         u_ptrs += BLOCK_K * stride_wd
     act = acc_g * tl.sigmoid(acc_g) * acc_u  # [BLOCK_M, BLOCK_N] SwiGLU epilogue, in fp32
-    out = act_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_n[None, :] * stride_af
+    out = act_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_af
     tl.store(out, act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
@@ -135,25 +142,31 @@ def _down_kernel(
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter)
     IEEE_FP32: tl.constexpr,  # fp32 inputs: full-precision dot instead of TF32
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
+    stride_am, stride_af = tl.cast(stride_am, tl.int64), tl.cast(stride_af, tl.int64)  # int64 products only
+    stride_we, stride_wn, stride_wf = tl.cast(stride_we, tl.int64), tl.cast(stride_wn, tl.int64), \
+        tl.cast(stride_wf, tl.int64)
+    stride_op, stride_os, stride_on = tl.cast(stride_op, tl.int64), tl.cast(stride_os, tl.int64), \
+        tl.cast(stride_on, tl.int64)
+    pid_m, pid_n = _tile_ids(tl.program_id(0).to(tl.int64), num_m_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] grouped rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] int64 grouped rows
     slot = tl.load(sorted_slot_ids_ptr + offs_m)  # [BLOCK_M]
     row_ok = slot < num_slots
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] columns of D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] int64 columns of D
     n_ok = offs_n < N
-    k_start = tl.program_id(1) * k_per_split  # this program's chunk of F: [k_start, k_end)
-    k_end = tl.minimum(k_start + k_per_split, F)
-    offs_k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    a_ptrs = act_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_af
-    w_ptrs = w2_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wf
+    plane = tl.program_id(1).to(tl.int64)  # this program's chunk of F: [k_start, k_start + k_len)
+    k_start = plane * k_per_split
+    k_len = tl.minimum(F - k_start, k_per_split).to(tl.int32)  # <= 0 past the end of F: a plane of zeros
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    a_ptrs = act_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_af
+    w_ptrs = w2_ptr + e * stride_we + offs_n[None, :] * stride_wn + (k_start + offs_k)[:, None] * stride_wf
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_ok = offs_k < k_end - (k0 - k_start)
+    for k0 in range(0, k_len, BLOCK_K):
+        k_ok = offs_k < k_len - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
         if UPCAST:
@@ -166,8 +179,7 @@ def _down_kernel(
         w_ptrs += BLOCK_K * stride_wf
     gate = tl.load(topk_weights_ptr + slot, mask=row_ok, other=0.0)  # [BLOCK_M] fp32
     acc = acc * gate[:, None]  # gate weight in the epilogue (linear: partial sums may take it too)
-    out = slot_out_ptr + tl.program_id(1).to(tl.int64) * stride_op + slot.to(tl.int64)[:, None] * stride_os \
-        + offs_n[None, :] * stride_on
+    out = slot_out_ptr + plane * stride_op + slot.to(tl.int64)[:, None] * stride_os + offs_n[None, :] * stride_on
     tl.store(out, acc.to(slot_out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -184,8 +196,10 @@ def _combine_kernel(
     SPLIT_K: tl.constexpr,  # split planes of slot_out (1: a plain [S, D])
     BLOCK_D: tl.constexpr,  # columns per program
 ):
+    stride_op, stride_os, stride_yt = tl.cast(stride_op, tl.int64), tl.cast(stride_os, tl.int64), \
+        tl.cast(stride_yt, tl.int64)  # SPLIT_K*S*D passes 2^31 long before S*D does
     t = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D] int64
     d_ok = offs_d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(TOP_K):  # fixed order: deterministic
@@ -324,9 +338,14 @@ def check_inputs(x, topk_ids, topk_weights, w13, w2) -> tuple[int, int, int]:
 
 
 def _config_args(x: torch.Tensor, E: int, K: int, F: int) -> tuple:
-    """(T, E, K, D, F, dtype name, GPU name or None, interpreter?): what the config choice depends on."""
-    dev_name = _device_name(x.device.index or 0) if x.is_cuda else None
-    return x.shape[0], E, K, x.shape[1], F, str(x.dtype).removeprefix("torch."), dev_name, interpreter_active()
+    """(T, E, K, D, F, dtype name, GPU name or None, interpreter?, DeviceLimits): what the config choice
+    depends on."""
+    if x.is_cuda:
+        dev_name, limits = _device_name(x.device.index or 0), device_limits(x.device)
+    else:
+        dev_name, limits = None, SM90_LIMITS
+    return x.shape[0], E, K, x.shape[1], F, str(x.dtype).removeprefix("torch."), dev_name, interpreter_active(), \
+        limits
 
 
 def pick_config(x: torch.Tensor, E: int, K: int, F: int) -> dict:

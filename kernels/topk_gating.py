@@ -33,7 +33,7 @@ def _topk_gating_kernel(
     SIGMOID: tl.constexpr,  # score with sigmoid instead of softmax
     RENORMALIZE: tl.constexpr,  # divide the K weights by their sum
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # widened before it is scaled: offsets are int64 (compile_check)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
     cols = tl.arange(0, BLOCK_E)  # [BLOCK_E]
     row_ok = rows < num_tokens

@@ -1,4 +1,4 @@
-"""Hugging Face transformers interop: convert sparse-MoE blocks, patch whole models, run HF's experts.
+"""Hugging Face transformers interop: convert sparse-MoE blocks and patch whole models.
 
 Legend: T tokens, D d_model, F d_ff per expert, Fs d_ff of a shared expert, E experts, K top-k.
 Supported blocks (transformers 5.x, experts fused as 3-D tensors; per-expert ModuleLists of 4.x too):
@@ -13,14 +13,12 @@ experts.down_proj [E, D, F]: exactly moe_ref's w13 and w2, so conversion is a (s
 from_hf(block)            -> MoELayer (or SharedExpertMoE for Qwen2-MoE) whose output equals the block's.
 patch_model(model, ...)   -> PatchReport: every sparse-MoE block swapped for a moe_ref-backed module
                              with the same forward interface; per-layer routing statistics collected.
-hf_experts_providers(layer) -> {"eager" | "grouped_mm" | "batched_mm": fn(x2d, routing) -> y}: transformers'
-                             own experts implementations on the layer's weights (benchmark peers).
+(transformers' own experts implementations, timed as benchmark peers, live in moe_ref.bench.providers.)
 This module imports transformers only inside functions that need it: `import moe_ref` never does.
 """
 
 from __future__ import annotations
 
-import copy as _copy
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +33,7 @@ from .strategy import get_strategy
 
 __all__ = [
     "SUPPORTED_BLOCKS", "HFMoEBlock", "LayerStats", "PatchReport", "SharedExpertMoE",
-    "from_hf", "hf_experts_implementations", "hf_experts_providers", "is_sparse_moe_block", "patch_model",
+    "from_hf", "is_sparse_moe_block", "patch_model",
 ]
 
 # class name -> does the block carry a gated shared expert
@@ -353,75 +351,3 @@ def patch_model(model: nn.Module, strategy: str = "grouped", capacity: CapacityC
         report.layers.append(stats)
         report._swaps.append((parent, attr, block, patched))
     return report
-
-
-# ----------------------------------------------------------------------------------------- HF experts
-
-def _experts_class():
-    """transformers' Mixtral experts module (decorated with use_experts_implementation), or None."""
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-    except ImportError:
-        return None, None
-    return MixtralConfig, MixtralExperts
-
-
-def hf_experts_implementations() -> list[str]:
-    """Names of transformers' experts implementations available here ("eager" first), [] without transformers."""
-    cfg_cls, ex_cls = _experts_class()
-    if ex_cls is None:
-        return []
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:
-        return ["eager"]
-    return ["eager"] + [n for n in ("grouped_mm", "batched_mm") if n in ALL_EXPERTS_FUNCTIONS]
-
-
-def hf_experts_providers(layer: MoELayer) -> dict[str, callable]:
-    """transformers' own experts implementations on `layer`'s weights: {name: fn(x2d [T, D], routing) -> y [T, D]}.
-
-    Names among "eager", "grouped_mm", "batched_mm", as this transformers has them ({} without transformers;
-    an implementation this version cannot build is left out).
-    The weights are shared with the layer (no copy). Routing ids must be >= 0 (dropless routings only).
-    """
-    if not isinstance(layer, MoELayer):
-        raise TypeError(f"layer must be a moe_ref.MoELayer, got {type(layer).__name__}")
-    cfg_cls, ex_cls = _experts_class()
-    if ex_cls is None:
-        return {}
-    c = layer.cfg
-    base = cfg_cls(hidden_size=c.d_model, intermediate_size=c.d_ff, num_local_experts=c.num_experts,
-                   num_experts_per_tok=c.top_k, hidden_act="silu")
-    out = {}
-    for name in hf_experts_implementations():
-        try:
-            hcfg = _copy.deepcopy(base)
-            hcfg._experts_implementation = name
-            with torch.device("meta"):
-                ex = ex_cls(hcfg)
-            ex.gate_up_proj = nn.Parameter(layer.w13.data, requires_grad=False)  # [E, 2F, D], shared
-            ex.down_proj = nn.Parameter(layer.w2.data, requires_grad=False)  # [E, D, F], shared
-        except (AttributeError, KeyError, ValueError, TypeError):  # this transformers lacks the implementation
-            continue
-        out[name] = _provider(ex, c.num_experts)
-    return out
-
-
-def _provider(ex: nn.Module, E: int):
-    checked = None  # the last topk_ids tensor found dropless: a benchmark's repeated calls skip the check,
-    # which reads a device value on the host (a sync that would be timed against transformers, not us)
-
-    def run(x2d: torch.Tensor, routing: Routing) -> torch.Tensor:
-        nonlocal checked
-        ids = routing.topk_ids
-        if ids is not checked:
-            if ids.numel() and int(ids.min()) < 0:
-                raise ValueError("transformers experts take dropless routings only (routing has ids -1)")
-            checked = ids
-        with torch.no_grad():
-            return ex(x2d, ids, routing.topk_weights)
-
-    return run
-

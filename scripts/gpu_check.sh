@@ -12,7 +12,7 @@
 #                     The per-shape JSONs are merged into gpu.json after each shape, the charts drawn after the
 #                     last. DeepSeek-V3's w13 passes 2^31 elements: its triton-vs-grouped check runs whatever the
 #                     clock says (gpu.json: "crosschecks").
-#   4. tune           whatever time is left: python -m moe_ref.kernels.tune (tuned.json, for the next run)
+#   4. tune           whatever time is left: python -m moe_ref.bench tune (tuned.json, for the next run)
 # Work happens in a scratch folder outside OUT. OUT (${OUT:-build/gpu-check}) only ever holds, at every moment:
 #   results.tar.gz  everything: this log, junit, env.txt, per-shape JSONs, gpu.json, charts, tuned.json/png;
 #                   re-packed after every step and every GPU_CHECK_TICK_S (15) seconds while a step runs
@@ -242,13 +242,13 @@ for i in "${!ENTRIES[@]}"; do
     DONE_JSON+=("$SCR/sweep/$shape.json")
     # the sweep stops starting new cases 20 s before its limit (start-up and the last write fit in those)
     # shellcheck disable=SC2086
-    step "sweep-$shape" "$limit" TERM "$PY" -m moe_ref.bench --gpu "${MODE[@]}" --shapes "$shape" --name "$shape" \
+    step "sweep-$shape" "$limit" TERM "$PY" -m moe_ref.bench gpu "${MODE[@]}" --shapes "$shape" --name "$shape" \
         --out "$SCR/sweep" --time-limit $((limit > 25 ? limit - 20 : 5)) --no-progress --no-charts \
         ${PROV_ARGS[@]+"${PROV_ARGS[@]}"} ${BENCH_DEFAULTS[@]+"${BENCH_DEFAULTS[@]}"} ${BENCH_ARGS:-}
     CHARTS=()
     [ "$i" -eq $((${#ENTRIES[@]} - 1)) ] && CHARTS=(--charts) # the charts once, from the last merge
     [ -n "$(find "$SCR/sweep" -name '*.json')" ] || { stamp "no sweep JSON yet: nothing to merge"; continue; }
-    step "merge-$shape" "$(min 40 $(($(left) - 5)))" TERM "$PY" -m moe_ref.bench --merge "${DONE_JSON[@]}" \
+    step "merge-$shape" "$(min 40 $(($(left) - 5)))" TERM "$PY" -m moe_ref.bench merge "${DONE_JSON[@]}" \
         --out "$SCR/gpu.json" ${CHARTS[@]+"${CHARTS[@]}"}
 done
 
@@ -260,7 +260,7 @@ if [ "$TUNE_S" -gt 0 ]; then
         STEPS+=("tune: skipped (no time left)")
     else
         # shellcheck disable=SC2086
-        step tune "$TUNE_LIMIT" TERM "$PY" -m moe_ref.kernels.tune --out "$SCR/tune" --time-limit $((TUNE_LIMIT - 30)) \
+        step tune "$TUNE_LIMIT" TERM "$PY" -m moe_ref.bench tune --out "$SCR/tune" --time-limit $((TUNE_LIMIT - 30)) \
             "${TUNE_DEFAULTS[@]}" ${TUNE_ARGS:-}
     fi
 fi

@@ -38,7 +38,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SERVER_START_S = 90  # JupyterLab must answer within this
 CELL_TIMEOUT_S = float(os.environ.get("MOE_REF_BROWSER_TIMEOUT", "150"))  # one notebook, all cells
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 
 def _unavailable(reason: str):

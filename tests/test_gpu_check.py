@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from moe_ref import bench
-from moe_ref import bench_gpu as bg
+from moe_ref.bench import results, sweep, timing
 from moe_ref.bench import Shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,9 @@ MAX_FILES = 8
 # ------------------------------------------------------------------------- the sweep's pieces (fast)
 
 def _sweep(providers, tokens=(1, 2), **kw):
-    timer = bg.Timer("cpu", budget_ms=1, min_reps=1, max_reps=2)
-    limits = bg.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
-    return bg.run_sweep([TINY], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
+    timer = timing.Timer("cpu", budget_ms=1, min_reps=1)
+    limits = timing.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
+    return sweep.run_sweep([TINY], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
                         limits=limits, progress=False, **kw)
 
 
@@ -53,28 +53,28 @@ def test_big_shapes_are_cross_checked_even_past_the_time_limit():
     # at the default threshold (2^31) this shape is small: the time limit skips everything, no cross-check
     res = _sweep(["grouped", "triton"], time_limit_s=0.0)
     assert res["crosschecks"] == [] and {r["status"] for r in res["rows"]} == {"skipped"}
-    assert bg.needs_crosscheck(bench.SHAPES["deepseek"]) and not bg.needs_crosscheck(bench.SHAPES["mixtral"])
+    assert sweep.needs_crosscheck(bench.SHAPES["deepseek"]) and not sweep.needs_crosscheck(bench.SHAPES["mixtral"])
 
 
 def test_a_missed_cross_check_is_flagged(monkeypatch):
-    real = bg.make_providers
+    real = sweep.make_providers
 
     def broken_triton(layer, names, notes):
         provs = real(layer, [n for n in names if n != "triton"], notes)
         provs["triton"] = lambda x, r: (_ for _ in ()).throw(RuntimeError("out of resources (simulated)"))
         return provs
 
-    monkeypatch.setattr(bg, "make_providers", broken_triton)
+    monkeypatch.setattr(sweep, "make_providers", broken_triton)
     (c,) = _sweep(["grouped", "triton"], tokens=(1,), crosscheck_elements=0)["crosschecks"]
     assert c["flag"] == "NOT CHECKED" and not c["checked"]
     assert c["reasons"] == ["RuntimeError: out of resources (simulated)"]
     rows = [dict(shape="tiny", tokens=1, provider="triton", status="ok", max_rel_err=0.5, max_expert_id=3)]
-    (c,) = bg.crosschecks(rows, {"tiny": {"d_model": 32, "d_ff": 64, "num_experts": 4, "top_k": 2}}, 0)
+    (c,) = sweep.crosschecks(rows, {"tiny": {"d_model": 32, "d_ff": 64, "num_experts": 4, "top_k": 2}}, 0)
     assert c["flag"] == "MISMATCH" and not c["agrees"] and c["past_threshold"]
 
 
 def test_a_cuda_fault_stops_the_process_gpu_work_and_says_where(monkeypatch):
-    real = bg.make_providers
+    real = sweep.make_providers
     calls = []
 
     def faulting(layer, names, notes):
@@ -87,7 +87,7 @@ def test_a_cuda_fault_stops_the_process_gpu_work_and_says_where(monkeypatch):
         provs["fault"] = fault
         return provs
 
-    monkeypatch.setattr(bg, "make_providers", faulting)
+    monkeypatch.setattr(sweep, "make_providers", faulting)
     res = _sweep(["grouped", "fault"], tokens=(1, 2, 4))
     by = {(r["tokens"], r["provider"]): r for r in res["rows"]}
     assert by[(1, "grouped")]["status"] == "ok" and by[(1, "fault")]["status"] == "error"
@@ -96,8 +96,8 @@ def test_a_cuda_fault_stops_the_process_gpu_work_and_says_where(monkeypatch):
         for p in ("grouped", "fault"):
             assert by[(T, p)]["status"] == "skipped" and "CUDA context lost (tiny T=1 fault" in by[(T, p)]["reason"]
     assert not res["complete"] and res["stopped"].startswith("CUDA context lost at tiny T=1 fault: RuntimeError")
-    assert bg.is_context_lost(RuntimeError("CUDA error: unspecified launch failure"))
-    assert not bg.is_context_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert sweep.is_context_lost(RuntimeError("CUDA error: unspecified launch failure"))
+    assert not sweep.is_context_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
 
 
 DEEPSEEK = dict(d_model=7168, d_ff=2048, num_experts=256, top_k=8)  # w13: 7.5e9 elements
@@ -117,7 +117,7 @@ def _part(shape, tokens, ms, complete=True, dims=DEEPSEEK):
 
 def test_merge_results_joins_parts_and_recomputes_the_tables():
     a, b = _part("deepseek-v3-routed", (1, 16), 2.0), _part("mixtral-8x7b", (1, 4), 4.0, complete=False, dims=MIXTRAL)
-    m = bg.merge_results([a, b])
+    m = results.merge_results([a, b])
     assert m["kind"] == "device" and not m["complete"]  # one part was cut short
     assert list(m["shapes"]) == m["settings"]["shapes"] == ["deepseek-v3-routed", "mixtral-8x7b"]
     assert m["settings"]["tokens"] == [1, 4, 16] and m["settings"]["providers"] == ["grouped_mm", "triton"]
@@ -133,17 +133,17 @@ def test_merge_results_joins_parts_and_recomputes_the_tables():
 
 def test_merge_results_rejects_bad_input():
     with pytest.raises(ValueError, match="parts"):
-        bg.merge_results([])
+        results.merge_results([])
     with pytest.raises(ValueError, match=r"parts\[1\] is not a device result"):
-        bg.merge_results([_part("a", (1,), 1.0), {"kind": "moe_ref tuned configs"}])
+        results.merge_results([_part("a", (1,), 1.0), {"kind": "moe_ref tuned configs"}])
     with pytest.raises(ValueError, match=r"parts\[1\] and parts\[0\] both hold shape 'a'"):
-        bg.merge_results([_part("a", (1,), 1.0), _part("a", (2,), 1.0)])
+        results.merge_results([_part("a", (1,), 1.0), _part("a", (2,), 1.0)])
 
 
 def test_merge_cli_notes_missing_files_and_draws_charts(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps(_part("deepseek-v3-routed", (1,), 1.0)))
     (tmp_path / "bad.json").write_text("{not json")
-    rc = bench.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "gone.json"), str(tmp_path / "bad.json"),
+    rc = bench.main(["merge", str(tmp_path / "a.json"), str(tmp_path / "gone.json"), str(tmp_path / "bad.json"),
                      "--out", str(tmp_path / "m" / "gpu.json"), "--charts"])
     assert rc == 0, capsys.readouterr().out
     m = json.loads((tmp_path / "m" / "gpu.json").read_text())
@@ -151,10 +151,10 @@ def test_merge_cli_notes_missing_files_and_draws_charts(tmp_path, capsys):
     assert "gone.json: missing (its process wrote no result)" in m["notes"]
     assert any(n.startswith("bad.json: unreadable") for n in m["notes"])
     assert (tmp_path / "m" / "gpu_times.png").is_file()
-    assert bench.main(["--merge", str(tmp_path / "gone.json"), "--out", str(tmp_path / "x.json")]) == 2
+    assert bench.main(["merge", str(tmp_path / "gone.json"), "--out", str(tmp_path / "x.json")]) == 2
     assert "nothing written" in capsys.readouterr().out and not (tmp_path / "x.json").exists()
     with pytest.raises(SystemExit):
-        bench.main(["--merge", str(tmp_path / "a.json"), "--gpu"])
+        bench.main(["merge", str(tmp_path / "a.json"), "--gpu"])
 
 
 # ----------------------------------------------------------------------- the script itself (slow)

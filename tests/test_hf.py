@@ -37,6 +37,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 
 from moe_ref import hf  # noqa: E402
+from moe_ref.bench import providers as hf_providers  # noqa: E402  (transformers' experts, timed as peers)
 
 D, V = 32, 100
 COMMON = dict(hidden_size=D, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -314,9 +315,9 @@ def test_hf_experts_providers_match_reference(T, E, K):
     layer = moe_ref.MoELayer(cfg, dtype=torch.float32, seed=T)
     x = torch.randn(T, 24, generator=torch.Generator().manual_seed(T))
     r = layer.route(x)
-    providers = hf.hf_experts_providers(layer)
+    providers = hf_providers.hf_experts_providers(layer)
     assert "eager" in providers and set(providers) <= {"eager", "grouped_mm", "batched_mm"}
-    assert list(providers) == hf.hf_experts_implementations()
+    assert list(providers) == hf_providers.hf_experts_implementations()
     want = moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double())
     for name, fn in providers.items():
         y = fn(x, r)
@@ -326,7 +327,7 @@ def test_hf_experts_providers_match_reference(T, E, K):
 
 def test_hf_experts_providers_share_weights_and_check_input():
     layer = moe_ref.MoELayer(moe_ref.MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2), seed=1)
-    providers = hf.hf_experts_providers(layer)
+    providers = hf_providers.hf_experts_providers(layer)
     x = torch.randn(5, 16)
     r = layer.route(x)
     before = providers["eager"](x, r)
@@ -341,4 +342,4 @@ def test_hf_experts_providers_share_weights_and_check_input():
         providers["eager"](x, dropped)
     assert_close(providers["eager"](x, r), 2 * before, torch.float32)  # a checked routing is reused unchecked
     with pytest.raises(TypeError, match="layer"):
-        hf.hf_experts_providers(torch.nn.Linear(2, 2))
+        hf_providers.hf_experts_providers(torch.nn.Linear(2, 2))

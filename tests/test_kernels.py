@@ -131,6 +131,12 @@ def test_align_random(T, E, data):
     check_plan_against_grouping(plan, ids, E)
 
 
+def test_align_refuses_plans_past_int32_row_ids():
+    ids = torch.empty(2**28, 8, dtype=torch.long, device="meta")  # T*K = 2^31 slots, no memory behind it
+    with pytest.raises(ValueError, match=r"topk_ids \(268435456, 8\).*int32 row ids"):
+        mk.align_block_size(ids, 8, 16)
+
+
 def test_align_single_token_layout():
     ids = torch.tensor([[3, -1, 0]], device=DEV)
     plan = mk.align_single_token(ids, 4, 16)
@@ -365,25 +371,29 @@ def test_fused_moe_bad_input():
 # ----------------------------------------------------------------------------------- configs
 
 def test_configs_by_token_count_and_tuned_table():
-    from moe_ref.kernels.configs import SMEM_BUDGET, smem_bytes, split_config
+    from moe_ref.kernels.backend import SM90_LIMITS
+    from moe_ref.kernels.configs import smem_bytes, split_config
     small = mk.get_config(1, 8, 2, 4096, 14336)
     big = mk.get_config(16384, 8, 2, 4096, 14336)
-    assert small["BLOCK_M"] == 16 and big["BLOCK_M"] >= 64
+    assert (small["BLOCK_M"], small["BLOCK_N"]) == (16, 64)
+    assert (big["BLOCK_M"], big["BLOCK_N"], big["BLOCK_K"], big["num_warps"]) == (128, 128, 64, 8)
     table = {1: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3),
              1024: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)}
     mk.register_tuned_configs("Test GPU", 8, 4096, 14336, "bfloat16", table)
     try:
-        assert mk.get_config(3, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_N"] == 32
+        assert mk.get_config(2, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_N"] == 32
+        assert mk.get_config(3, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_N"] == 64  # 3x from 1: default
         assert mk.get_config(900, 8, 2, 4096, 14336, "bfloat16", "Test GPU")["BLOCK_M"] == 128
         untuned = mk.get_config(900, 8, 2, 4096, 14336, "float16", "Test GPU")  # no table for fp16
         assert split_config(untuned) == split_config(mk.default_config(900, 8, 2, 4096, 14336))
     finally:
         from moe_ref.kernels.configs import TUNED_CONFIGS
         TUNED_CONFIGS.pop("Test GPU")
+    budget = SM90_LIMITS.smem_per_block
     for T in (1, 64, 300, 2000, 16384):
         for dtype_name, size in (("bfloat16", 2), ("float32", 4)):
             first, second = split_config(mk.get_config(T, 8, 2, 4096, 14336, dtype_name))
-            assert smem_bytes(first, size, 2) <= SMEM_BUDGET and smem_bytes(second, size, 1) <= SMEM_BUDGET
+            assert smem_bytes(first, size, 2) <= budget and smem_bytes(second, size, 1) <= budget
     with pytest.raises(ValueError, match="BLOCK_K"):
         mk.register_tuned_configs("x", 8, 1, 1, "bfloat16", {1: dict(table[1], BLOCK_K=48)})
 
@@ -445,7 +455,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     res = subprocess.run([sys.executable, "-m", "moe_ref.kernels.compile_check", "--quick"], env=env,
                          capture_output=True, text=True, timeout=240, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "compiled 11 kernels for sm_90" in res.stdout, res.stdout
+    assert "compiled 12 kernels for sm_90; no pointer offset formed in 32 bits" in res.stdout, res.stdout
+    built = [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")]
+    assert len(built) == 12 and all("int32-offsets=0" in ln for ln in built), res.stdout  # the audit ran on each
     # specialized as a launch is (aligned pointers, strides of 1 as constants): the GEMMs' loads are
     # software-pipelined through shared memory (cp.async), as they must be to stream weights at speed
     gemms = [ln for ln in res.stdout.splitlines() if ln.startswith(("ok _gate_up_kernel", "ok _down_kernel"))]
@@ -512,7 +524,9 @@ def test_host_helpers_match_triton():
 
 def test_launch_configs_equal_split_get_config():
     """fused_moe's cached choice is exactly split_config(get_config(...)), tuned table or not."""
+    from moe_ref.kernels.backend import SM90_LIMITS, DeviceLimits
     from moe_ref.kernels.configs import TUNED_CONFIGS, launch_configs
+    small_gpu = DeviceLimits(sm_count=46, smem_per_block=101376)  # less shared memory: other fitted tiles
     shapes = [(8, 2, 4096, 14336), (128, 8, 2048, 768), (4, 2, 33, 22)]
     table = {1: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3,
                      down=dict(SPLIT_K=2)),
@@ -522,10 +536,11 @@ def test_launch_configs_equal_split_get_config():
         for E, K, D, F in shapes:
             for T in (0, 1, 5, 64, 300, 2000, 16384):
                 for dt in ("bfloat16", "float16", "float32"):
-                    for dev in (None, "Fast GPU"):
+                    for dev, lim in ((None, SM90_LIMITS), ("Fast GPU", SM90_LIMITS), (None, small_gpu)):
                         for interp in (False, True):
-                            want = split_config(mk.get_config(T, E, K, D, F, dt, dev, interp))
-                            assert launch_configs(T, E, K, D, F, dt, dev, interp) == want, (T, E, dt, dev, interp)
+                            want = split_config(mk.get_config(T, E, K, D, F, dt, dev, interp, lim))
+                            got = launch_configs(T, E, K, D, F, dt, dev, interp, lim)
+                            assert got == want, (T, E, dt, dev, interp, lim)
         assert launch_configs(1, 8, 2, 4096, 14336, "bfloat16", "Fast GPU", False)[1]["SPLIT_K"] == 2
     finally:
         TUNED_CONFIGS.pop("Fast GPU")

@@ -9,6 +9,8 @@ References are computed with the "grouped" strategy in float32 from the same rou
 Shapes from moe_ref.bench.SHAPES; total run time on one H200 is meant to stay under ~2 minutes.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -194,8 +196,8 @@ def test_layer_strategy_triton_on_gpu_with_capacity_and_T0():
 
 
 def test_bench_graph_provider_replays_with_new_values_and_recaptures_for_new_inputs():
-    """moe_ref.bench_gpu's triton_graph provider: a replay sees the inputs' new values; other tensors re-capture."""
-    from moe_ref.bench_gpu import graph_replayer
+    """moe_ref.bench's triton_graph provider: a replay sees the inputs' new values; other tensors re-capture."""
+    from moe_ref.bench.providers import graph_replayer
 
     D, F, E, K = 256, 384, 16, 4
     dtype = torch.bfloat16
@@ -219,7 +221,8 @@ def test_bench_graph_provider_replays_with_new_values_and_recaptures_for_new_inp
     assert_near(replay(x2, r2), reference(x2, r2, w13, w2), dtype, "new inputs")
 
 
-@pytest.mark.parametrize("T,K,E,bm", [(1, 8, 128, 16), (64, 8, 128, 16), (128, 8, 256, 32), (37, 2, 8, 64)])
+@pytest.mark.parametrize("T,K,E,bm", [(1, 8, 128, 16), (64, 8, 128, 16), (128, 8, 256, 32), (37, 2, 8, 64),
+                                      (4096, 8, 256, 64), (2, 8, 256, 128), (333, 8, 257, 16)])
 def test_align_methods_agree_on_gpu(T, K, E, bm):
     """One-program and four-kernel alignment give the torch reference's plan, compiled (barrier included)."""
     g = torch.Generator(device="cuda").manual_seed(T + E)
@@ -230,3 +233,111 @@ def test_align_methods_agree_on_gpu(T, K, E, bm):
         plan = mk.align_block_size(ids, E, bm, method=method)
         for f in ("sorted_slot_ids", "expert_ids", "num_padded"):
             assert torch.equal(getattr(plan, f), getattr(ref, f)), (method, f)
+
+
+def _free_cuda():
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("T", [1, 333, 4096])
+def test_top_1_routing(T):
+    """K = 1: one slot per token, slot = token."""
+    D, F, E, K = 1024, 512, 8, 1
+    dtype = torch.bfloat16
+    rw, w13, w2 = make_weights(D, F, E, dtype, seed=20)
+    x = make_x(T, D, dtype, seed=21)
+    r = moe_ref.route(x, rw, K, renormalize=False)
+    y = mk.fused_moe(x, r.topk_ids, r.topk_weights, w13, w2)
+    assert_near(y, reference(x, r, w13, w2), dtype, f"K=1 T={T}")
+
+
+@pytest.mark.parametrize("T", [1, 64, 300])
+def test_257_experts(T):
+    """E = 257, past a power of two: BLOCK_E = 512 in the alignment, one-program (T=64) and chunked (T=300)."""
+    D, F, E, K = 512, 256, 257, 8
+    dtype = torch.bfloat16
+    rw, w13, w2 = make_weights(D, F, E, dtype, seed=22)
+    x = make_x(T, D, dtype, seed=23)
+    r = moe_ref.route(x, rw, K, renormalize=True)
+    y, plan = mk.fused_moe(x, r.topk_ids, r.topk_weights, w13, w2, return_plan=True)
+    assert_near(y, reference(x, r, w13, w2), dtype, f"E=257 T={T}")
+    if T > 1:
+        ref = mk.align_block_size_torch(r.topk_ids, E, plan.block_m)
+        for f in ("sorted_slot_ids", "expert_ids", "num_padded"):
+            assert torch.equal(getattr(plan, f), getattr(ref, f)), f
+
+
+def test_deepseek_v3_sized_expert_tensors_past_2_31_elements():
+    """E=256, D=7168, F=2048: w13 holds 7.5e9 elements (15 GB bf16), so the last experts' weights start past
+    2^31 elements; tokens routed to them (and to the first ones) must match the grouped strategy."""
+    s = SHAPES["deepseek"]
+    D, F, E, K = s.d_model, s.d_ff, s.num_experts, s.top_k
+    assert (E - 1) * 2 * F * D > 2**31 and (E - 1) * D * F > 2**31
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(24)
+    w13 = torch.randn(E, 2 * F, D, device="cuda", dtype=dtype, generator=g).mul_(D**-0.5)  # [E, 2F, D] 15 GB
+    w2 = torch.randn(E, D, F, device="cuda", dtype=dtype, generator=g).mul_(F**-0.5)  # [E, D, F] 7.5 GB
+    try:
+        T = 4
+        x = make_x(T, D, dtype, seed=25)
+        t = torch.arange(T, device="cuda")[:, None]
+        ids = (E - 1 - t - 32 * torch.arange(K, device="cuda")[None, :]) % E  # [T, K] distinct: 255-t, 223-t, ...
+        w = torch.softmax(torch.randn(T, K, device="cuda", generator=g), -1)  # [T, K]
+        for rows in (slice(0, T), slice(0, 1)):  # the sorted path and the T=1 path
+            y = mk.fused_moe(x[rows], ids[rows], w[rows], w13, w2)
+            used = ids[rows].unique()  # the reference needs only these experts in fp32 (a few GB, not 90)
+            sub = moe_ref.Routing(torch.searchsorted(used, ids[rows]), w[rows])
+            assert_near(y, reference(x[rows], sub, w13[used], w2[used]), dtype, f"DeepSeek-V3 experts, rows {rows}")
+            del used, sub
+    finally:
+        del w13, w2
+        _free_cuda()
+
+
+def test_split_k_planes_past_2_31_elements():
+    """SPLIT_K = 4 partial sums [4, S, D] with S*D < 2^31 < 3*S*D: only the split-plane offsets of the second
+    GEMM and the combine pass 2^31, so they must be formed in 64 bits."""
+    T, K, E, D, F = 24576, 8, 16, 4096, 256
+    S = T * K
+    assert S * D < 2**31 < 3 * S * D
+    dtype = torch.bfloat16
+    rw, w13, w2 = make_weights(D, F, E, dtype, seed=26)
+    x = make_x(T, D, dtype, seed=27)
+    r = moe_ref.route(x, rw, K, renormalize=True)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, down=dict(SPLIT_K=4))
+    try:
+        y = mk.fused_moe(x, r.topk_ids, r.topk_weights, w13, w2, config=cfg)  # slot_out: 12.9 GB of fp32
+        for rows in (slice(0, 64), slice(T - 64, T)):  # the last tokens: the largest offsets in every plane
+            sub = moe_ref.Routing(r.topk_ids[rows], r.topk_weights[rows])
+            assert_near(y[rows], reference(x[rows], sub, w13, w2), dtype, f"split planes, rows {rows}")
+    finally:
+        _free_cuda()
+
+
+@pytest.mark.parametrize("T", [64, 300, 4096])
+def test_bf16_dot_path_of_each_gemm_matches_the_float32_reference(T):
+    """Compiled tl.dot on bf16 tiles (the interpreter's upcast off) with the default config of each token-count
+    bucket (T=4096: the 128x128 prefill tile on 8 warps), each GEMM alone against its float32 reference, and
+    no config shrunk for lack of shared memory."""
+    from moe_ref.kernels.configs import split_config
+    from moe_ref.kernels.fused_moe import TileConfigShrunk, _kernel_flags
+
+    assert _kernel_flags(torch.bfloat16) == dict(UPCAST=False, IEEE_FP32=False)
+    D, F, E, K = 1024, 1024, 8, 2
+    dtype = torch.bfloat16
+    rw, w13, w2 = make_weights(D, F, E, dtype, seed=28)
+    x = make_x(T, D, dtype, seed=29)
+    r = moe_ref.route(x, rw, K, renormalize=True)
+    first, second = split_config(mk.get_config(T, E, K, D, F, "bfloat16"))
+    plan = mk.align_block_size(r.topk_ids, E, first["BLOCK_M"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TileConfigShrunk)  # the default must fit an H200 block as it is
+        act = mk.gate_up(x, w13, plan, first)  # [P, F] bf16
+        slot_out = mk.down(act, w2, r.topk_weights, plan, second)  # [S, D] bf16
+    n = int(plan.num_padded)
+    real = plan.sorted_slot_ids[:n] < plan.sentinel  # grouped rows holding a slot
+    act_ref = mk.gate_up_torch(x.float(), w13.float(), plan)  # [P, F] fp32
+    assert_near(act[:n][real], act_ref[:n][real], dtype, f"gate_up T={T} {first}")
+    out_ref = mk.down_torch(act.float(), w2.float(), r.topk_weights, plan)  # [S, D] fp32, from the same act
+    assert_near(slot_out, out_ref, dtype, f"down T={T} {second}")

@@ -123,6 +123,7 @@ def _worker(rank, P):
 EXPECTED = [c[0] for c in _cases(2)] + ["naive", "error_everywhere"]
 
 
+@pytest.mark.slow  # processes: left out of make check
 @pytest.mark.parametrize("P", [2, 4])
 def test_real_gloo_group_matches_reference_and_simulation(P):
     t0 = time.monotonic()
@@ -148,6 +149,7 @@ def _fail_worker(rank, P):
     return out.output.shape[0]
 
 
+@pytest.mark.slow  # processes: left out of make check
 def test_failure_on_one_rank_surfaces_within_timeout():
     t0 = time.monotonic()
     res = run_local_group(_fail_worker, 2, timeout=60, collective_timeout=8)
@@ -165,6 +167,7 @@ def _stuck_worker(rank, P):
     return _fail_worker(rank, P)
 
 
+@pytest.mark.slow  # processes: left out of make check
 def test_stuck_rank_times_out_and_is_killed():
     t0 = time.monotonic()
     res = run_local_group(_stuck_worker, 2, timeout=12, collective_timeout=3)

@@ -109,16 +109,22 @@ def plot_bench_gpu_times(result: dict) -> Figure:
     return fig
 
 
+def _targets(result: dict) -> list[dict]:
+    """The targets a device result was measured against (written into its settings by the sweep)."""
+    return (result.get("settings") or {}).get("targets") or []
+
+
 def plot_bench_gpu_ratios(result: dict) -> Figure:
     """Per shape: speedup of triton (solid) and triton_graph (dashed) over grouped_mm, loop, grouped and the
     best Hugging Face implementation vs T."""
     rat = result.get("ratios") or []
     shapes = _shape_names(result)
     fig, axes = _grid(len(shapes))
-    styles = {"triton_vs_grouped_mm": ("vs grouped_mm", "#1f77b4", 1.1),
-              "triton_vs_loop": ("vs loop", "#7f7f7f", 5.0),
+    goals = {t["metric"][3:]: t["threshold"] for t in _targets(result) if t["metric"].startswith("vs:")}
+    styles = {"triton_vs_grouped_mm": ("vs grouped_mm", "#1f77b4", goals.get("grouped_mm")),
+              "triton_vs_loop": ("vs loop", "#7f7f7f", goals.get("loop")),
               "triton_vs_best_hf": ("vs best HF", "#9467bd", None),
-              "triton_vs_grouped": ("vs grouped", "#2ca02c", None)}
+              "triton_vs_grouped": ("vs grouped", "#2ca02c", goals.get("grouped"))}
     for ax, shape in zip(axes, shapes):
         sel = sorted((r for r in rat if r["shape"] == shape), key=lambda r: r["tokens"])
         for key, (label, color, target) in styles.items():
@@ -141,7 +147,8 @@ def plot_bench_gpu_ratios(result: dict) -> Figure:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no triton results", ha="center", transform=ax.transAxes)
-    _title(fig, result, "Triton speedups (dotted: issue targets 1.1x grouped_mm, 5x loop)")
+    shown = ", ".join(f"{v:g}x {k}" for k, v in goals.items())
+    _title(fig, result, "Triton speedups" + (f" (dotted: targets {shown})" if shown else ""))
     return fig
 
 
@@ -150,6 +157,7 @@ def plot_bench_gpu_roofline(result: dict, providers=("triton", "triton_graph", "
     rows = _ok_rows(result)
     shapes = _shape_names(result)
     lim = result.get("limits") or {}
+    fracs = [t for t in _targets(result) if not t["metric"].startswith("vs:")]
     fig, axes = _grid(len(shapes))
     for ax, shape in zip(axes, shapes):
         for p in providers:
@@ -160,8 +168,8 @@ def plot_bench_gpu_roofline(result: dict, providers=("triton", "triton_graph", "
                 t, v = _series(rows, shape, p, key)
                 if t:
                     ax.plot(t, v, ls=ls, marker=st["marker"], color=st["color"], ms=4, label=f"{p}: {label}")
-        ax.axhline(0.7, color="#444444", lw=0.8, ls="-.")
-        ax.axhline(0.6, color="#444444", lw=0.8, ls=(0, (1, 3)))
+        for t, ls in zip(fracs, ("-.", (0, (1, 3)), "--")):
+            ax.axhline(t["threshold"], color="#444444", lw=0.8, ls=ls)
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.05)
         ax.set_title(shape, fontsize=10)
@@ -173,7 +181,9 @@ def plot_bench_gpu_roofline(result: dict, providers=("triton", "triton_graph", "
     mm = lim.get("matmul_flops")
     what = "Roofline fractions"
     if bw and mm:
-        what += f" (measured copy {bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s; targets 0.7 / 0.6)"
+        goals = " / ".join(f"{t['threshold']:g}" for t in fracs)
+        what += f" (measured copy {bw / 1e12:.2f} TB/s, matmul {mm / 1e12:.0f} TFLOP/s" + \
+            (f"; targets {goals})" if goals else ")")
     _title(fig, result, what)
     return fig
 
