@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from moe_ref import bench
-from moe_ref.bench import cli, providers, results, sweep, targets, timing
-from moe_ref.bench import Shape
+from moe_ref.bench import Shape, cli, providers, results, sweep, targets, timing
 from moe_ref.plots import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

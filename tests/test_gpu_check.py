@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from moe_ref import bench
-from moe_ref.bench import results, sweep, timing
-from moe_ref.bench import Shape
+from moe_ref.bench import Shape, results, sweep, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"

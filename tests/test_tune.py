@@ -175,8 +175,8 @@ def test_time_limit_leaves_token_counts_untuned():
 
 def test_written_file_is_what_get_config_uses(tmp_path, clean_tables):
     out = tmp_path / "t"
-    rc = bench_main(["tune", "--device", "cpu", "--shapes", "cpu-small", "--tokens", "2", "--limit", "2", "--dtype", "fp32",
-                    "--out", str(out)])
+    rc = bench_main(["tune", "--device", "cpu", "--shapes", "cpu-small", "--tokens", "2", "--limit", "2",
+                     "--dtype", "fp32", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "tuned.json").read_text())
     assert data["kind"] == configs.TUNED_KIND and data["complete"] and data["dtype"] == "float32"
