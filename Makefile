@@ -34,7 +34,8 @@ browser-deps:
 ## marked slow (no notebooks, browser, torchrun or GPU-run dry run).
 check: setup
 	$(BIN)/ruff check moe_ref kernels tests
-	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not slow" -p no:cacheprovider tests
+	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 MOE_REF_HYPOTHESIS_EXAMPLES=8 $(BIN)/pytest -q -m "not slow" -n 2 \
+	  -p no:cacheprovider tests
 
 ## make test: lint, the unit tests (incl. the real-browser notebook test), every notebook under nbmake.
 test: setup browser-deps

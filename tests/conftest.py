@@ -18,7 +18,9 @@ else:
     )
     settings.load_profile("moe")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one intra-op thread per xdist worker (make check runs -n 2): two workers of two threads each on two cores
+# spin against each other, and a small matmul can then take a thousand times longer
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture

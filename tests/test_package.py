@@ -10,6 +10,7 @@ import pytest
 import moe_ref
 
 
+@pytest.mark.slow  # a fresh interpreter: left out of make check
 def test_kernels_is_subpackage_not_top_level(tmp_path):
     code = textwrap.dedent("""
         import importlib.util, pathlib
@@ -31,6 +32,7 @@ def test_public_names():
     assert {"dense", "loop", "grouped", "grouped_mm", "padded", "triton"} <= set(moe_ref.strategy_names())
 
 
+@pytest.mark.slow  # a fresh interpreter: left out of make check
 def test_transformers_unaffected_from_repo_root():
     """From the repo root (on sys.path) transformers' probe for HF `kernels` must see "not installed"."""
     pytest.importorskip("transformers")

@@ -21,6 +21,8 @@ from moe_ref.kernels import configs
 from moe_ref.kernels.backend import SM90_LIMITS, DeviceLimits
 from moe_ref.kernels.configs import TUNED_CONFIGS, check_config, smem_bytes, split_config
 
+pytestmark = pytest.mark.slow  # the tuner times kernels under the interpreter: left out of make check
+
 TINY = Shape("tiny", 32, 48, 4, 2)
 
 
