@@ -1,8 +1,8 @@
 """Generate docs/api.md from the docstrings: `python -m moe_ref.apidoc > docs/api.md`.
 
 Documents every public name: moe_ref.__all__ and the public names of moe_ref.hf, moe_ref.parallel,
-moe_ref.kernels, moe_ref.experiments, moe_ref.plots and moe_ref.widgets (their __all__; a module that does not exist yet
-is left out). tests/test_docs.py fails when a public name is missing from docs/api.md.
+moe_ref.kernels, moe_ref.experiments, moe_ref.plots, moe_ref.widgets and moe_ref.tiny (their __all__; a module
+that does not exist yet is left out). tests/test_docs.py fails when a public name is missing from docs/api.md.
 The output is deterministic (no dates, no addresses), so regenerating an unchanged tree changes nothing.
 """
 
@@ -23,6 +23,7 @@ MODULES = {
     "moe_ref.experiments": "experiment drivers of the notebooks: sweeps and timings returning rows for the plots",
     "moe_ref.plots": "pure plotting functions: data in, matplotlib Figure out",
     "moe_ref.widgets": "ipywidgets panels over the plotting functions",
+    "moe_ref.tiny": "the trained tiny MoE language model: checkpoint, byte codec, routing traces, quality cost",
 }
 
 
