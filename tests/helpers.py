@@ -34,3 +34,13 @@ def hand_routing(ids, weights=None):
 def assert_close(actual, expected, dtype=None, msg=""):
     tol = TOL[dtype or actual.dtype]
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), **tol, msg=lambda m: f"{msg}\n{m}")
+
+
+def cpu_sweep(shape, providers, tokens, **kw):
+    """The device sweep on the CPU at a tiny shape: timer, limits and sweep at their smallest (a logic check)."""
+    from moe_ref.bench import sweep, timing
+
+    timer = timing.Timer("cpu", budget_ms=1, min_reps=1)
+    limits = timing.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
+    return sweep.run_sweep([shape], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
+                           limits=limits, progress=False, **kw)

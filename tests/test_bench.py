@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+from helpers import cpu_sweep
 from moe_ref import bench
 from moe_ref.bench import Shape, cli, providers, results, sweep, targets, timing
 from moe_ref.plots import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
@@ -35,10 +36,7 @@ def test_cpu_bench_writes_json_and_png(tmp_path):
 
 
 def _sweep(providers, tokens=(1, 5), **kw):
-    timer = timing.Timer("cpu", budget_ms=1, min_reps=1)
-    limits = timing.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
-    return sweep.run_sweep([TINY], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
-                        limits=limits, progress=False, **kw)
+    return cpu_sweep(TINY, providers, tokens, **kw)
 
 
 def test_device_sweep_bookkeeping_on_cpu():

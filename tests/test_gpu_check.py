@@ -18,10 +18,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
+from helpers import cpu_sweep
 from moe_ref import bench
-from moe_ref.bench import Shape, results, sweep, timing
+from moe_ref.bench import Shape, results, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -32,10 +32,7 @@ MAX_FILES = 8
 # ------------------------------------------------------------------------- the sweep's pieces (fast)
 
 def _sweep(providers, tokens=(1, 2), **kw):
-    timer = timing.Timer("cpu", budget_ms=1, min_reps=1)
-    limits = timing.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
-    return sweep.run_sweep([TINY], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
-                        limits=limits, progress=False, **kw)
+    return cpu_sweep(TINY, providers, tokens, **kw)
 
 
 def test_big_shapes_are_cross_checked_even_past_the_time_limit():

@@ -39,9 +39,18 @@ def _stamp(msg: str) -> None:
     print(f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .tune import add_tune_arguments
+def add_tune_arguments(p) -> None:
+    """The `tune` sub-command's options (parsing them needs no triton; running does)."""
+    p.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3"], choices=sorted(SHAPES))
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 4096, 16384])
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--limit", type=int, default=8, help="configs tried per token count (the default first)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; token counts past it stay untuned")
+    p.add_argument("--device", default="cuda", help="'cpu' runs the loop under TRITON_INTERPRET=1 (a dry run)")
+    p.add_argument("--out", default="build/tune", help="folder for tuned.json")
 
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_ref.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

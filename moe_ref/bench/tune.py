@@ -34,7 +34,7 @@ from .shapes import DTYPES, SHAPES, dtype_name
 from .sweep import AGREE_RTOL as REF_RTOL
 from .timing import Timer
 
-__all__ = ["tune", "tune_shape", "add_tune_arguments", "run_tune", "AGREE_RTOL"]
+__all__ = ["tune", "tune_shape", "run_tune", "AGREE_RTOL"]
 
 AGREE_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}  # vs the default's output
 
@@ -146,17 +146,6 @@ def tune(shapes, tokens, *, dtype=torch.bfloat16, device="cuda", limit: int = 8,
     result["elapsed_s"] = time.perf_counter() - t0
     return result
 
-
-
-def add_tune_arguments(p) -> None:
-    """The `tune` sub-command's options."""
-    p.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3"], choices=sorted(SHAPES))
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 4096, 16384])
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--limit", type=int, default=8, help="configs tried per token count (the default first)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; token counts past it stay untuned")
-    p.add_argument("--device", default="cuda", help="'cpu' runs the loop under TRITON_INTERPRET=1 (a dry run)")
-    p.add_argument("--out", default="build/tune", help="folder for tuned.json")
 
 
 def run_tune(args) -> int:
