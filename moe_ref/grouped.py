@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as Fn
 
 from .grouping import DispatchPlan, group_by_expert
-from .permute import permute, unpermute
-from .reference import check_weights, expert_ffn, swiglu
+from .permute import combine_rows, permute
+from .reference import check_weights
 from .router import Routing, validate_routing
 from .strategy import StrategyResult, register_strategy
 
@@ -29,8 +29,9 @@ class GroupedSteps(NamedTuple):
 
     plan: DispatchPlan  # counts [E], offsets [E+1], row order
     xs: torch.Tensor  # [N, D] token rows grouped by expert
-    ys: torch.Tensor  # [N, D] each row through its expert's FFN
-    y: torch.Tensor  # [T, D] unpermuted, weighted combine over K
+    ws: torch.Tensor  # [N, 1] gate weight of each grouped row, in x's dtype
+    ys: torch.Tensor  # [N, D] each row through its expert's FFN, times its gate weight
+    y: torch.Tensor  # [T, D] each token's K rows of ys summed (combine_rows)
 
 
 def expert_blocks(plan: DispatchPlan) -> Iterator[tuple[int, slice]]:
@@ -41,26 +42,66 @@ def expert_blocks(plan: DispatchPlan) -> Iterator[tuple[int, slice]]:
             yield e, slice(bounds[e], bounds[e + 1])
 
 
-def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """ys [N, D]: each expert's FFN on its contiguous block of xs [N, D] (one GEMM pair per expert)."""
-    ys = torch.empty_like(xs)  # [N, D]
+def expert_ffn_into(xe: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor, out: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out [n, D] = expert_ffn(xe [n, D]) (* scale [n, 1]), with no copy beyond the [n, 2F] and [n, F] GEMM inputs.
+
+    The down GEMM writes straight into `out` (a row block of the caller's buffer), SwiGLU multiplies in
+    place into silu(gate), and the gate weight scales the output rows in place: the same bits as
+    expert_ffn(xe, w13_e, w2_e) * scale.
+    """
+    F = w2_e.shape[1]
+    h = torch.mm(xe, w13_e.t())  # [n, 2F]: gate | up
+    a = Fn.silu(h[:, :F])  # [n, F]
+    a.mul_(h[:, F:])
+    torch.mm(a, w2_e.t(), out=out)  # [n, D]
+    if scale is not None:
+        out.mul_(scale)
+    return out
+
+
+def gate_weights(r: Routing, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
+    """[N, 1] the gate weight of each grouped row (topk_weights in grouped order), in `dtype`."""
+    return r.topk_weights.reshape(-1).index_select(0, plan.sorted_slots).to(dtype).unsqueeze(1)
+
+
+def row_buffer(plan: DispatchPlan, like: torch.Tensor, width: int) -> torch.Tensor:
+    """An [N, width] output buffer, with one extra zero row N when the plan drops slots (combine_rows reads it)."""
+    N = plan.num_rows
+    dropped = N < plan.num_tokens * plan.top_k
+    buf = like.new_empty(N + dropped, width)
+    if dropped:
+        buf[N].zero_()
+    return buf
+
+
+def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: torch.Tensor,
+                ws: torch.Tensor | None = None) -> torch.Tensor:
+    """ys [N(+1), D]: each expert's FFN on its contiguous block of xs [N, D], rows scaled by ws [N, 1] if given.
+
+    One GEMM pair per expert, written in place into one buffer (row_buffer: a zero row N when slots are dropped).
+    """
+    ys = row_buffer(plan, xs, w2.shape[1])  # [N(+1), D]
     for e, rows in expert_blocks(plan):
-        ys[rows] = expert_ffn(xs[rows], w13[e], w2[e])
+        expert_ffn_into(xs[rows], w13[e], w2[e], ys[rows], None if ws is None else ws[rows])
     return ys
 
 
 def _steps(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor, method: str) -> GroupedSteps:
     plan = group_by_expert(r.topk_ids, w13.shape[0], method=method)
     xs = permute(x, plan)  # [N, D]
-    ys = grouped_ffn(xs, plan, w13, w2)  # [N, D]
-    return GroupedSteps(plan, xs, ys, unpermute(ys, plan, r.topk_weights))
+    ws = gate_weights(r, plan, x.dtype)  # [N, 1]
+    ys = grouped_ffn(xs, plan, w13, w2, ws)  # [N(+1), D], gate weights folded in
+    return GroupedSteps(plan, xs, ws, ys[: plan.num_rows], combine_rows(ys, plan))
 
 
 def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor,
                   method: str = "argsort") -> GroupedSteps:
-    """The "grouped" strategy on x2d [T, D] step by step: group (by `method`), permute, expert FFNs, unpermute.
+    """The "grouped" strategy on x2d [T, D] step by step: group (by `method`), permute, expert FFNs, combine.
 
-    Returns GroupedSteps(plan, xs [N, D], ys [N, D], y [T, D]); y is bit for bit the strategy's output.
+    Returns GroupedSteps(plan, xs [N, D], ws [N, 1], ys [N, D], y [T, D]); y is bit for bit the strategy's
+    output. Each expert's output rows are scaled by their gate weights as they are written (the weight
+    folded into the down projection), so the combine is a plain sum of each token's K rows.
     Routing ids may be -1 (dropped): those assignments are skipped and contribute zero.
     """
     E, _, _ = check_weights(x2d, w13, w2)
@@ -118,11 +159,18 @@ def grouped_mm_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Ten
         return StrategyResult(torch.zeros_like(x), computed_rows=0)
     multiple = 16 // x.element_size()  # 16-byte stride rule
     w13p, w2p = pad_expert_weights(w13, w2, multiple)
-    Dp = w13p.shape[2]
+    Dp, Fp = w13p.shape[2], w2p.shape[2]
     xs = permute(x, plan)  # [N, D]
     if Dp != D:
         xs = Fn.pad(xs, (0, Dp - D))  # [N, Dp]
     offs = plan.offsets[1:].to(torch.int32)  # [E] end row of each expert's group
-    h = gmm(xs, w13p.transpose(1, 2), offs=offs)  # [N, 2Fp]
-    ys = gmm(swiglu(h), w2p.transpose(1, 2), offs=offs)  # [N, Dp]
-    return StrategyResult(unpermute(ys[:, :D].contiguous(), plan, r.topk_weights), computed_rows=plan.num_rows)
+    h = gmm(xs, w13p.transpose(1, 2), offs=offs)  # [N, 2Fp]: gate | up
+    a = Fn.silu(h[:, :Fp])  # [N, Fp], SwiGLU in place
+    a.mul_(h[:, Fp:])
+    ys = gmm(a, w2p.transpose(1, 2), offs=offs)  # [N, Dp]
+    ys.mul_(gate_weights(r, plan, x.dtype))  # the gate weight folded into the output rows
+    if Dp != D or plan.num_rows < plan.num_tokens * plan.top_k:  # a zero row N for dropped slots
+        out = row_buffer(plan, ys, D)
+        out[: plan.num_rows] = ys[:, :D]
+        ys = out
+    return StrategyResult(combine_rows(ys, plan), computed_rows=plan.num_rows)

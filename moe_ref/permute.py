@@ -2,7 +2,10 @@
 
 Legend: T tokens, D d_model, K top-k, N grouped rows (kept assignments).
 The combine is gather-and-reduce over the K slots of each token (no atomics, no scatter-add),
-so the same input always gives bitwise the same output.
+so the same input always gives bitwise the same output. Two forms:
+  unpermute(ys, plan, topk_weights): weights each row as it sums them (float32 accumulation);
+  combine_rows(ys, plan):            rows already scaled by their gate weights (the grouped strategies
+                                     fold the weight into the down projection), summed in one reduction.
 """
 
 from __future__ import annotations
@@ -38,3 +41,21 @@ def unpermute(ys: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor) 
     slots = padded.index_select(0, idx).view(T, K, D).to(acc)  # [T, K, D]
     y = (slots * topk_weights.to(acc).unsqueeze(-1)).sum(1)  # [T, D]
     return y.to(ys.dtype)
+
+
+def combine_rows(ys: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """ys [N, D] (or [N+1, D] with a zero row N) of rows already scaled by their gate weights -> y [T, D].
+
+    y[t] = sum_k ys[inverse[t*K + k]]; a dropped slot reads row N, so ys must carry that zero row whenever
+    the plan drops slots. One gather [T, K, D] in ys's dtype and one sum over K (torch accumulates a
+    reduced-precision sum in float32), with no float32 [T, K, D] temporary.
+    """
+    T, K, N = plan.num_tokens, plan.top_k, plan.num_rows
+    dropped = N < T * K
+    if ys.dim() != 2 or ys.shape[0] != N + dropped:
+        raise ValueError(f"ys must be [{N + dropped}, D] (N={N} rows{' + a zero row' if dropped else ''}), "
+                         f"got {tuple(ys.shape)}")
+    D = ys.shape[1]
+    idx = torch.where(plan.inverse >= 0, plan.inverse, N) if dropped else plan.inverse  # [S]
+    slots = ys.index_select(0, idx)  # [T*K, D]
+    return slots if K == 1 else slots.view(T, K, D).sum(1)

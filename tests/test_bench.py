@@ -17,22 +17,145 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = Shape("tiny", 32, 64, 4, 2)
 
 
-def test_cpu_bench_writes_json_and_png(tmp_path):
-    rc = bench.main(["--shape", "cpu-small", "--tokens", "4", "--reps", "1", "--dtypes", "fp32",
+def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
+    rc = bench.main(["--shapes", "cpu-small", "--tokens", "4", "--reps", "1", "--dtypes", "fp32", "--threads", "1",
                      "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     res = json.loads((tmp_path / "cpu.json").read_text())
-    assert res["shape"] == {"name": "cpu-small", "d_model": 256, "d_ff": 512, "num_experts": 8, "top_k": 2}
+    assert res["shapes"] == [{"name": "cpu-small", "d_model": 256, "d_ff": 512, "num_experts": 8, "top_k": 2}]
     for key in ("date", "torch", "device", "python", "cpu_count"):
         assert res["machine"][key]
-    rows = res["rows"]
-    assert {r["provider"] for r in rows} == {"gemm_only", "dense", "loop", "grouped", "grouped_mm"}
+    assert res["threads"] == res["machine"]["torch_threads"] == 1
+    rows = [r for r in res["rows"] if r["status"] == "ok"]
+    names = {r["provider"] for r in rows}
+    assert {"gemm_only", "loop", "grouped", "grouped_mm"} <= names
+    assert names - {"gemm_only", "loop", "grouped", "grouped_mm"} <= {"hf_eager", "hf_grouped_mm", "hf_batched_mm"}
+    assert "hf_eager" in names  # transformers is a dev dependency: its peers are timed in the same run
     bound = next(r for r in rows if r["provider"] == "gemm_only")
     for r in rows:
-        assert (r["shape"], r["dtype"], r["tokens"]) == ("cpu-small", "fp32", 4)
-        assert r["seconds"] > 0
+        assert (r["shape"], r["dtype"], r["tokens"], r["threads"]) == ("cpu-small", "fp32", 4, 1)
+        assert r["seconds"] > 0 and r["iqr_s"] >= 0
         assert r["ratio_to_bound"] == pytest.approx(r["seconds"] / bound["seconds"])
+    assert [t["target"] for t in res["targets"]] == ["grouped <= 1.0x the best transformers experts implementation"]
     assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+    assert "torch threads (pinned)" in capsys.readouterr().out
+
+
+def test_cpu_bench_rejects_bad_counts(capsys):
+    assert bench.main(["cpu", "--reps", "0"]) == 2
+    assert bench.main(["cpu", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().out
+
+
+def _fake_clock(seconds: dict[str, list[float]]):
+    """clock for time_cpu: each callable's calls take the listed seconds in turn (keyed by fn.__name__)."""
+    def clock(fn, threads):
+        it = iter(seconds[fn.__name__])
+        return lambda: next(it)
+    return clock
+
+
+def _named(name):
+    def f():
+        return None
+    f.__name__ = name
+    return f
+
+
+def test_time_cpu_interleaves_pins_threads_and_keeps_median_and_iqr():
+    order = []
+    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b")}
+    before = torch.get_num_threads()
+    seen = []
+
+    def clock(fn, threads):
+        seen.append((threads, torch.get_num_threads()))
+        return lambda: (fn(), 0.001)[1]
+
+    t = timing.time_cpu(fns, rounds=3, warmup=1, threads=1, clock=clock)
+    assert order == ["a", "b"] * 4  # one warm-up round, then three rounds, interleaved
+    assert seen == [(1, 1), (1, 1)] and torch.get_num_threads() == before  # pinned, then restored
+    assert t["a"]["threads"] == 1 and t["a"]["times_s"] == [0.001] * 3 and t["a"]["iqr_s"] == 0
+    t = timing.time_cpu({"f": _named("f")}, rounds=5, warmup=0, clock=_fake_clock({"f": [5, 1, 3, 2, 4]}))
+    assert t["f"]["median_s"] == 3 and t["f"]["iqr_s"] == pytest.approx(2.0)  # quartiles 2 and 4
+    for bad in (dict(rounds=0), dict(warmup=-1), dict(threads=0), dict(threads=True)):
+        with pytest.raises(ValueError):
+            timing.time_cpu({"f": _named("f")}, **bad)
+
+
+def test_distrust_flags_beating_the_bound_and_wide_spreads(capsys):
+    def t(med, iqr=0.0):
+        return dict(median_s=med, iqr_s=iqr)
+
+    timed = {"bound": t(1.0), "ok": t(1.2, 0.1), "fast": t(0.9), "tie": t(0.96), "noisy": t(2.0, 0.5)}
+    flags = timing.distrust(timed, "bound")
+    assert set(flags) == {"fast", "noisy"}  # 4 % under the bound is within BEAT_BOUND; 10 % is not
+    assert "0.90x its own bound" in flags["fast"] and "spread 25 %" in flags["noisy"]
+    assert timing.distrust({"bound": t(1.0, 0.3)}, "bound") == {"bound": "spread 30 % of the median (IQR)"}
+    with pytest.raises(KeyError):
+        timing.distrust(timed, "nope")
+    assert not timing.warn_if_busy({})
+    assert timing.warn_if_busy(flags, "T=16")
+    out = capsys.readouterr().out
+    assert "WARNING (T=16)" in out and "can't be trusted" in out and "fast:" in out
+
+
+def test_cpu_bench_marks_untrusted_rows_with_a_fake_clock(tmp_path, capsys):
+    """A provider 'faster' than the bound and a noisy one are flagged in the rows, the table and the chart."""
+    from moe_ref.bench import cpu
+    from moe_ref.plots import plot_bench_cpu
+
+    def clock(fn, threads):
+        # the bound's callable is a closure named run; the strategies are lambdas over get_strategy(...)
+        name = fn.__name__
+        ts = iter([1.0, 1.0, 1.0] if name == "run" else [0.5, 0.5, 0.5] if clock.n == 0 else [1.0, 2.0, 3.0])
+        clock.n += name != "run"
+        return lambda: next(ts)
+
+    clock.n = 0
+    rows = cpu.bench_cpu(TINY, [3], ["fp32"], strategies=("loop", "grouped"), peers=(), reps=3,
+                         progress_bar=False, clock=clock)
+    by = {r["provider"]: r for r in rows}
+    assert "warning" not in by["gemm_only"]
+    assert "its own bound" in by["loop"]["warning"] and "spread" in by["grouped"]["warning"]
+    targets = cpu.cpu_targets(rows, min_tokens=1)
+    assert targets == [dict(shape="tiny", dtype="fp32", tokens=3, trusted=False, met=False, value=2.0, limit=1.10,
+                            target="grouped <= 1.10x the GEMM-only bound at T >= 1")]
+    cpu.print_table(rows, targets)
+    out = capsys.readouterr().out
+    assert "! 0.50x its own bound" in out and "MISSED" in out and "(untrusted case)" in out
+    assert "can't be trusted" in out.splitlines()[-1]
+    fig = plot_bench_cpu({"rows": rows, "threads": 1, "machine": {"device": "cpu: fake", "torch": "x",
+                                                                  "date": "2026-12-02"}})
+    assert "untrusted" in fig.axes[0].get_title()
+    fig.savefig(tmp_path / "c.png")
+
+
+def test_cpu_targets_compare_grouped_with_the_best_peer():
+    def row(p, sec, T=2048):
+        return dict(shape="s", dtype="bf16", tokens=T, provider=p, status="ok", seconds=sec,
+                    ratio_to_bound=sec / 1.0)
+    rows = [row("gemm_only", 1.0), row("grouped", 1.05), row("hf_eager", 1.3), row("hf_grouped_mm", 1.0),
+            dict(shape="s", dtype="bf16", tokens=2048, provider="hf_batched_mm", status="skipped", reason="big"),
+            row("gemm_only", 1.0, T=16), row("grouped", 2.0, T=16)]
+    got = {(t["tokens"], "bound" if "bound" in t["target"] else "peer"): t for t in cpu_targets_of(rows)}
+    assert got[(2048, "bound")]["met"] and got[(2048, "bound")]["trusted"]
+    peer = got[(2048, "peer")]
+    assert peer["peer"] == "hf_grouped_mm" and peer["value"] == pytest.approx(1.05) and not peer["met"]
+    assert set(got) == {(2048, "bound"), (2048, "peer")}  # T=16: below min_tokens, and no peer measured there
+
+
+def cpu_targets_of(rows):
+    from moe_ref.bench.cpu import cpu_targets
+    return cpu_targets(rows)
+
+
+def test_batched_mm_is_skipped_past_its_memory_budget(monkeypatch):
+    from moe_ref.bench import cpu
+    monkeypatch.setattr(cpu, "BATCHED_MM_BYTES", 1)
+    rows = cpu.bench_cpu(TINY, [2], ["fp32"], strategies=("grouped",), reps=1, progress_bar=False)
+    skipped = {r["provider"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert "GiB of weights" in skipped["hf_batched_mm"]
 
 
 def _sweep(providers, tokens=(1, 5), **kw):

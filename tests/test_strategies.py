@@ -138,7 +138,9 @@ def test_grouped_steps_intermediates_and_output(cfg, method, drop):
     assert [(b.start, b.stop) for _, b in blocks] == [(int(s.plan.offsets[e]), int(s.plan.offsets[e + 1]))
                                                       for e, _ in blocks]
     for e, rows in blocks:  # each block went through its own expert
-        assert torch.equal(s.ys[rows], moe_ref.expert_ffn(s.xs[rows], layer.w13[e], layer.w2[e]))
+        w = r.topk_weights.reshape(-1)[s.plan.sorted_slots[rows]].to(x.dtype).unsqueeze(1)  # [n, 1]
+        assert torch.equal(s.ws[rows], w)
+        assert torch.equal(s.ys[rows], moe_ref.expert_ffn(s.xs[rows], layer.w13[e], layer.w2[e]) * w)
     assert_close(s.y, moe_ref.reference_moe(x, r, layer.w13, layer.w2))
     strategy = moe_ref.strategy.get_strategy("grouped")  # the registered function (ids -1 allowed)
     assert torch.equal(s.y, strategy(x, r, layer.w13, layer.w2).y)  # the strategy is these steps, bit for bit
@@ -173,3 +175,20 @@ def test_grouped_steps_bad_input():
         grouped_steps(x.float(), r, layer.w13, layer.w2)
     with pytest.raises(ValueError, match="method"):
         grouped_steps(x, r, layer.w13, layer.w2, method="bubble")
+
+
+def test_combine_rows_sums_weighted_rows_and_reads_the_zero_row_for_drops():
+    from moe_ref.grouped import row_buffer
+    from moe_ref.permute import combine_rows
+
+    ids = torch.tensor([[0, 1], [1, -1], [-1, -1]])  # token 2 dropped entirely
+    plan = moe_ref.group_by_expert(ids, 2)
+    ys = row_buffer(plan, torch.empty(0, 3), 3)  # [N + 1, 3]: a zero row for the dropped slots
+    assert ys.shape == (4, 3) and torch.equal(ys[3], torch.zeros(3))
+    ys[:3] = torch.arange(9.0).view(3, 3)  # grouped rows: (t0, e0), (t0, e1), (t1, e1)
+    y = combine_rows(ys, plan)
+    assert torch.equal(y, torch.stack([ys[0] + ys[1], ys[2], torch.zeros(3)]))
+    with pytest.raises(ValueError, match=r"ys must be \[4, D\] \(N=3 rows \+ a zero row\)"):
+        combine_rows(ys[:3], plan)  # no zero row although the plan drops slots
+    full = moe_ref.group_by_expert(torch.tensor([[1], [0]]), 2)  # K = 1, nothing dropped
+    assert torch.equal(combine_rows(torch.tensor([[5.0], [7.0]]), full), torch.tensor([[7.0], [5.0]]))

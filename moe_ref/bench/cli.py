@@ -1,7 +1,8 @@
 """The benchmark command line: python -m moe_ref.bench cpu|gpu|merge|plot|tune ... (console script moe-ref-bench).
 
 Legend: T tokens; JSON results and PNG charts are written under --out.
-  cpu    every strategy on the CPU against the GEMM-only bound                 -> cpu.json, cpu.png
+  cpu    our strategies and transformers' experts implementations on the CPU, against the GEMM-only
+         bound, with the CPU targets met or missed                             -> cpu.json, cpu.png
   gpu    the device sweep: real MoE shapes x token counts x providers (needs CUDA unless --device cpu)
                                                                               -> gpu.json, gpu_*.png
   merge  join device results (one process per shape) into one JSON
@@ -21,11 +22,11 @@ from pathlib import Path
 import torch
 
 from ..strategy import strategy_names
-from .cpu import CPU_STRATEGIES, bench_cpu, print_table
+from .cpu import CPU_PEERS, CPU_STRATEGIES, bench_cpu, cpu_targets, print_table
 from .providers import GPU_PROVIDERS
 from .report import device_info, have_matplotlib, print_summary, write_charts, write_json
 from .results import merge_results, read_device_results
-from .shapes import CPU_TOKENS, DTYPES, GPU_SHAPES, GPU_TOKENS, QUICK_TOKENS, SHAPES
+from .shapes import CPU_SHAPES, CPU_TOKENS, DTYPES, GPU_SHAPES, GPU_TOKENS, QUICK_TOKENS, SHAPES
 from .sweep import run_sweep
 from .timing import TIMER_MODES, Timer, measure_limits
 
@@ -54,12 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_ref.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("cpu", help="strategies on the CPU against the GEMM-only bound")
-    c.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
+    c = sub.add_parser("cpu", help="strategies and transformers' experts on the CPU against the GEMM-only bound")
+    c.add_argument("--shapes", nargs="+", default=list(CPU_SHAPES), choices=sorted(SHAPES))
     c.add_argument("--tokens", type=int, nargs="+", default=list(CPU_TOKENS))
-    c.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    c.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     c.add_argument("--strategies", nargs="+", default=list(CPU_STRATEGIES), choices=strategy_names())
-    c.add_argument("--reps", type=int, default=5, help="timed rounds per case (providers interleaved)")
+    c.add_argument("--peers", nargs="*", default=list(CPU_PEERS), choices=list(CPU_PEERS),
+                   help="transformers' experts implementations timed beside ours (none: --peers)")
+    c.add_argument("--reps", type=int, default=7, help="timed rounds per case (providers interleaved)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="torch threads, pinned for the run (default: torch's own choice, recorded)")
     c.add_argument("--out", default="build/bench")
     c.add_argument("--no-progress", action="store_true")
 
@@ -114,13 +119,23 @@ def cpu_main(args) -> int:
     if args.reps < 1:
         print(f"--reps must be >= 1, got {args.reps}")
         return 2
-    shape = SHAPES[args.shape]
-    rows = bench_cpu(shape, args.tokens, args.dtypes, args.strategies, args.reps, not args.no_progress)
+    if args.threads is not None and args.threads < 1:
+        print(f"--threads must be >= 1, got {args.threads}")
+        return 2
+    threads = args.threads or torch.get_num_threads()
+    shapes = [SHAPES[s] for s in args.shapes]
+    print(f"bench cpu: {threads} torch threads (pinned), "
+          f"{args.reps} interleaved rounds per case")
+    rows = bench_cpu(shapes, args.tokens, args.dtypes, args.strategies, args.peers, args.reps, threads,
+                     not args.no_progress)
+    targets = cpu_targets(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"kind": "cpu", "machine": device_info("cpu"), "shape": asdict(shape), "reps": args.reps, "rows": rows}
+    machine = dict(device_info("cpu"), torch_threads=threads)
+    result = {"kind": "cpu", "machine": machine, "threads": threads, "shapes": [asdict(s) for s in shapes],
+              "reps": args.reps, "rows": rows, "targets": targets}
     (out / "cpu.json").write_text(json.dumps(result, indent=2))
-    print_table(rows)
+    print_table(rows, targets)
     if have_matplotlib():
         from ..plots import plot_bench_cpu
 

@@ -1,11 +1,16 @@
-"""The CPU benchmark: every strategy side by side, against the GEMM-only bound, timed interleaved.
+"""The CPU benchmark: our strategies and transformers' experts implementations side by side, against the bound.
 
 Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
-The GEMM-only bound does just the per-expert SwiGLU GEMMs on rows already grouped by expert (the same
-expert loads as the routing; no routing, permutation or combine): what any strategy must at least spend.
-All providers of one (dtype, T) are timed round by round (timing.time_cpu), so a busy moment of the
-machine hits them alike; each row keeps the median and the interquartile range, with the thread count.
-A result faster than its own bound, or with a spread over 25 % of its median, is flagged (`warning`).
+The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very expert_ffn_into the grouped strategy
+uses) on rows already grouped by expert, with the routing's own expert loads: no routing, permutation,
+gate weights or combine. Every strategy must spend at least that.
+Providers, all on the same weights and the same routing:
+  ours     the registered strategy functions ("loop", "grouped", "grouped_mm", ...), called directly
+  peers    transformers' experts implementations (hf_eager, hf_grouped_mm, hf_batched_mm), where installed;
+           hf_batched_mm gathers [T*K, 2F, D] weights, so it is skipped past BATCHED_MM_BYTES
+All providers of one (shape, dtype, T) run interleaved through timing.time_cpu with a pinned thread count;
+each row keeps the median, the IQR and the thread count, and a row that timing.distrust flags (faster than
+its own bound, or a wide spread) carries a `warning`.
 """
 
 from __future__ import annotations
@@ -13,72 +18,139 @@ from __future__ import annotations
 import torch
 
 from ..config import MoEConfig
+from ..grouped import expert_ffn_into
 from ..layer import MoELayer
-from ..reference import swiglu
+from ..strategy import get_strategy
+from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
-from .timing import progress, time_cpu
+from .timing import BUSY, distrust, progress, time_cpu
 
-__all__ = ["bench_cpu", "gemm_only", "print_table", "CPU_STRATEGIES"]
+__all__ = ["bench_cpu", "gemm_only", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
+           "BATCHED_MM_BYTES"]
 
-CPU_STRATEGIES = ("dense", "loop", "grouped", "grouped_mm")
-WIDE_SPREAD = 0.25  # iqr / median above which a row is flagged
+CPU_STRATEGIES = ("loop", "grouped", "grouped_mm")
+CPU_PEERS = ("hf_eager", "hf_grouped_mm", "hf_batched_mm")
+BATCHED_MM_BYTES = 1 << 30  # hf_batched_mm's gathered weights above this are not timed (memory, minutes)
+BOUND = "gemm_only"
 
 
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
-    """A callable doing just the per-expert GEMMs (+SwiGLU) on pre-grouped rows: the compute bound."""
-    blocks = [x.new_empty(n, x.shape[1]).normal_() for n in counts]  # [n_e, D] per expert
+    """A callable doing just the per-expert GEMMs (+SwiGLU, written in place) on pre-grouped rows: the bound."""
+    D = x.shape[1]
+    blocks = [(e, x.new_empty(n, D).normal_(), x.new_empty(n, D)) for e, n in enumerate(counts) if n]
 
     def run():
-        for e, xb in enumerate(blocks):
-            if xb.shape[0]:
-                swiglu(xb @ w13[e].t()) @ w2[e].t()
+        for e, xb, out in blocks:  # xb [n_e, D] -> out [n_e, D]
+            expert_ffn_into(xb, w13[e], w2[e], out)
 
     return run
 
 
-def _warning(name: str, t: dict, bound: dict) -> str | None:
-    if name != "gemm_only" and t["median_s"] < bound["median_s"] * 0.98:
-        return f"faster than its own bound ({t['median_s'] / bound['median_s']:.2f}x): distrust this row"
-    if t["iqr_s"] > WIDE_SPREAD * t["median_s"]:
-        return f"wide spread (IQR {100 * t['iqr_s'] / t['median_s']:.0f} % of the median): a busy machine?"
-    return None
+def _batched_mm_bytes(shape: Shape, T: int, elt: int) -> int:
+    return T * shape.top_k * 3 * shape.d_model * shape.d_ff * elt  # gathered w13 + w2 per (token, choice)
 
 
-def bench_cpu(shape: Shape, token_counts, dtypes, strategies=CPU_STRATEGIES, reps: int = 5,
-              progress_bar: bool = True) -> list[dict]:
-    """Rows {shape, dtype, tokens, provider, seconds (median), iqr_s, ratio_to_bound, threads, warning?}."""
-    cfg = MoEConfig(shape.d_model, shape.d_ff, shape.num_experts, shape.top_k)
-    jobs = [(dt, T) for dt in dtypes for T in token_counts]
+def _providers(layer: MoELayer, x: torch.Tensor, r, strategies, peers, shape: Shape, T: int) -> tuple[dict, dict]:
+    """({name: fn()}, {name: why skipped}) for one case."""
+    fns, skipped = {}, {}
+    for s in strategies:
+        fn = get_strategy(s)
+        fns[s] = lambda fn=fn: fn(x, r, layer.w13, layer.w2)
+    hf = hf_experts_providers(layer) if peers else {}
+    for p in peers:
+        impl = hf.get(p.removeprefix("hf_"))
+        if impl is None:
+            skipped[p] = "not available in this transformers" if hf else "transformers is not installed"
+        elif p == "hf_batched_mm" and _batched_mm_bytes(shape, T, x.element_size()) > BATCHED_MM_BYTES:
+            skipped[p] = (f"gathers {_batched_mm_bytes(shape, T, x.element_size()) / 2**30:.1f} GiB of weights "
+                          f"(> {BATCHED_MM_BYTES / 2**30:.0f} GiB)")
+        else:
+            fns[p] = lambda impl=impl: impl(x, r)
+    return fns, skipped
+
+
+def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU_PEERS, reps: int = 7,
+              threads: int | None = None, progress_bar: bool = True, clock=None) -> list[dict]:
+    """Rows {shape, dtype, tokens, provider, status, seconds (median), iqr_s, ratio_to_bound, threads, warning?}.
+
+    shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
+    pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
+    """
+    shapes = [shapes] if isinstance(shapes, Shape) else list(shapes)
+    jobs = [(sh, dt, T) for sh in shapes for dt in dtypes for T in token_counts]
     bar = progress(len(jobs), progress_bar, desc="bench cpu")
-    rows = []
-    for dt_name, T in jobs:
+    rows, layers = [], {}
+    for sh, dt_name, T in jobs:
         dtype = DTYPES[dt_name]
-        layer = MoELayer(cfg, dtype=dtype, seed=0)
-        x = torch.randn(T, shape.d_model, generator=torch.Generator().manual_seed(1)).to(dtype)  # [T, D]
+        key = (sh.name, dt_name)
+        if key not in layers:
+            cfg = MoEConfig(sh.d_model, sh.d_ff, sh.num_experts, sh.top_k)
+            layers = {key: MoELayer(cfg, dtype=dtype, seed=0)}  # one layer alive at a time
+        layer = layers[key]
+        x = torch.randn(T, sh.d_model, generator=torch.Generator().manual_seed(T)).to(dtype)  # [T, D]
         with torch.inference_mode():
             r = layer.route(x)
-            counts = torch.bincount(r.topk_ids.reshape(-1), minlength=shape.num_experts).tolist()
-            fns = {"gemm_only": gemm_only(x, counts, layer.w13, layer.w2)}
-            fns.update({s: (lambda s=s, L=layer, x=x, r=r: L(x, strategy=s, routing=r)) for s in strategies})
-            times = time_cpu(fns, rounds=reps)
-        bound = times["gemm_only"]
+            counts = torch.bincount(r.topk_ids.reshape(-1), minlength=sh.num_experts).tolist()
+            fns, skipped = _providers(layer, x, r, strategies, peers, sh, T)
+            times = time_cpu({BOUND: gemm_only(x, counts, layer.w13, layer.w2), **fns}, rounds=reps,
+                             threads=threads, clock=clock)
+        flags = distrust(times, BOUND)
+        bound = times[BOUND]["median_s"]
+        base = dict(shape=sh.name, dtype=dt_name, tokens=T)
         for name, t in times.items():
-            row = dict(shape=shape.name, dtype=dt_name, tokens=T, provider=name, seconds=t["median_s"],
-                       iqr_s=t["iqr_s"], ratio_to_bound=t["median_s"] / bound["median_s"],
-                       threads=torch.get_num_threads())
-            warn = _warning(name, t, bound)
-            if warn:
-                row["warning"] = warn
+            row = dict(base, provider=name, status="ok", seconds=t["median_s"], iqr_s=t["iqr_s"],
+                       ratio_to_bound=t["median_s"] / bound, threads=t["threads"])
+            if name in flags:
+                row["warning"] = flags[name]
             rows.append(row)
+        rows += [dict(base, provider=p, status="skipped", reason=why) for p, why in skipped.items()]
         bar.update(1)
     bar.close()
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    """One line per row: ms (median +- IQR/2) and the ratio to the GEMM-only bound."""
-    print(f"{'shape':14} {'dtype':5} {'T':>6} {'provider':11} {'ms':>10} {'+-':>7} {'x bound':>8}")
+def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1.10) -> list[dict]:
+    """The CPU targets on bench_cpu's rows, one entry per measured case; never "met" where not measured.
+
+    - grouped <= bound_limit x the GEMM-only bound at every T >= min_tokens (each shape and dtype);
+    - grouped <= 1.0 x the best transformers experts implementation measured at the same case.
+    """
+    ok = {(r["shape"], r["dtype"], r["tokens"], r["provider"]): r for r in rows if r.get("status") == "ok"}
+    out = []
+    for (sh, dt, T, prov), r in sorted(ok.items()):
+        if prov != "grouped":
+            continue
+        case = dict(shape=sh, dtype=dt, tokens=T, trusted=not any(
+            "warning" in v for (s2, d2, t2, _), v in ok.items() if (s2, d2, t2) == (sh, dt, T)))
+        if T >= min_tokens:
+            out.append(dict(case, target=f"grouped <= {bound_limit:.2f}x the GEMM-only bound at T >= {min_tokens}",
+                            value=r["ratio_to_bound"], limit=bound_limit,
+                            met=bool(r["ratio_to_bound"] <= bound_limit)))
+        peers = {p: v["seconds"] for (s2, d2, t2, p), v in ok.items() if (s2, d2, t2) == (sh, dt, T)
+                 and p.startswith("hf_")}
+        if peers:
+            best = min(peers, key=peers.get)
+            out.append(dict(case, target="grouped <= 1.0x the best transformers experts implementation",
+                            value=r["seconds"] / peers[best], limit=1.0, peer=best,
+                            met=bool(r["seconds"] <= peers[best])))
+    return out
+
+
+def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
+    """One line per row: ms (median +- IQR/2) and the ratio to the GEMM-only bound; then the targets."""
+    print(f"{'shape':10} {'dtype':5} {'T':>5} {'provider':14} {'ms':>10} {'+-':>7} {'x bound':>8}")
     for r in rows:
-        print(f"{r['shape']:14} {r['dtype']:5} {r['tokens']:6d} {r['provider']:11} "
-              f"{r['seconds'] * 1e3:10.3f} {r.get('iqr_s', 0.0) * 5e2:7.3f} {r['ratio_to_bound']:8.2f}"
+        head = f"{r['shape']:10} {r['dtype']:5} {r['tokens']:5d} {r['provider']:14}"
+        if r.get("status", "ok") != "ok":
+            print(f"{head} {'-':>10} {'':7} {'':8}  skipped: {r.get('reason', '')}")
+            continue
+        print(f"{head} {r['seconds'] * 1e3:10.3f} {r.get('iqr_s', 0.0) * 5e2:7.3f} {r['ratio_to_bound']:8.2f}"
               + (f"  ! {r['warning']}" if r.get("warning") else ""))
+    for t in targets or []:
+        mark = "met   " if t["met"] else "MISSED"
+        peer = f" ({t['peer']})" if t.get("peer") else ""
+        note = "" if t["trusted"] else "  (untrusted case)"
+        print(f"{mark} {t['target']}: {t['shape']} {t['dtype']} T={t['tokens']}: {t['value']:.2f}x{peer}{note}")
+    n = sum(1 for r in rows if r.get("warning"))
+    if n:
+        print(f"WARNING: {n} row(s) marked '!': {BUSY}")

@@ -37,8 +37,19 @@ def device_info(device="cpu") -> dict:
         info.update(device=torch.cuda.get_device_name(device), capability=f"{p.major}.{p.minor}",
                     device_memory_GB=round(p.total_memory / 1e9, 1), sm_count=p.multi_processor_count)
     else:
-        info["device"] = "cpu: " + (platform.processor() or platform.machine())
+        info["device"] = "cpu: " + (_cpu_model() or platform.processor() or platform.machine())
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def have_matplotlib() -> bool:

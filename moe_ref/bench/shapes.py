@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Shape", "SHAPES", "DTYPES", "GPU_SHAPES", "GPU_TOKENS", "QUICK_TOKENS", "CPU_TOKENS", "dtype_name"]
+__all__ = ["Shape", "SHAPES", "DTYPES", "GPU_SHAPES", "GPU_TOKENS", "QUICK_TOKENS", "CPU_TOKENS", "CPU_SHAPES",
+           "dtype_name"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,6 +30,7 @@ class Shape:
 
 SHAPES = {
     "cpu": Shape("cpu", 1024, 2048, 8, 2),
+    "cpu-fine": Shape("cpu-fine", 512, 256, 64, 8),  # fine-grained experts: many small GEMMs
     "cpu-small": Shape("cpu-small", 256, 512, 8, 2),
     "mixtral": Shape("mixtral-8x7b", 4096, 14336, 8, 2),
     "qwen3": Shape("qwen3-30b-a3b", 2048, 768, 128, 8),
@@ -38,7 +40,8 @@ SHAPES = {
 GPU_SHAPES = ("mixtral", "qwen3", "olmoe", "deepseek")
 GPU_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 QUICK_TOKENS = (1, 16, 256, 4096, 16384)
-CPU_TOKENS = (16, 2048)
+CPU_TOKENS = (1, 16, 64, 256, 1024, 4096)
+CPU_SHAPES = ("cpu", "cpu-fine")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

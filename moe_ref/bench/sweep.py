@@ -29,7 +29,8 @@ Shapes whose w13 [E, 2F, D] passes 2^31 elements (DeepSeek-V3: int32 offsets wou
 triton compared with grouped at their first T, time limit or not (`crosschecks` in the result). A CUDA
 fault that poisons the context (illegal address, ...) stops the process's GPU work, recorded as such.
 merge_results joins the results of several processes (one per shape) into one.
-Runs on CUDA; `device="cpu"` runs the same sweep timed by torch.utils.benchmark (a dry run of the logic).
+Runs on CUDA; `device="cpu"` runs the same sweep timed by the CPU harness (timing.time_cpu: providers
+interleaved round by round, threads pinned; a dry run of the logic).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .providers import (
 from .report import device_info
 from .shapes import dtype_name
 from .targets import evaluate_targets, ratios, targets_as_data
-from .timing import Timer, free_memory, measure_limits, resolve_device
+from .timing import Timer, distrust, free_memory, measure_limits, resolve_device, summary, time_cpu
 from .timing import progress as progress_bar
 
 __all__ = ["run_sweep", "case_metrics", "crosschecks", "needs_crosscheck", "is_context_lost", "summarize",
@@ -232,6 +233,7 @@ class _Sweep:
             self.skip_case(shape, T, order, f"routing failed: {self.fail(f'{shape.name} T={T} routing', e)}", "error")
             return
         ref: dict = {}  # "y": the reference provider's output [T, D] in float32
+        warmed = {}  # name -> row, for the CPU's interleaved timing
         for name in order:
             row = dict(base, provider=name)
             reason = self.reason(name, shape, T, last, protect)
@@ -239,22 +241,43 @@ class _Sweep:
                 self.record(row, reason)
                 continue
             try:
-                tm = self.measure(provs[name], name, x, r, ref, row)
+                self.warm_up(provs[name], name, x, r, ref, row)
+                if not self.timer.cuda:
+                    warmed[name] = row
+                    continue
+                with torch.inference_mode():
+                    tm = self.timer(lambda fn=provs[name], x=x, r=r: fn(x, r))
             except Exception as e:  # OOM, unsupported dtype, a provider's bug: record it, keep going
                 self.record(row, self.fail(f"{shape.name} T={T} {name}", e), "error")
                 if not self.lost:
                     free_memory(self.device)
                 continue
-            metrics = case_metrics(shape, T, hit, self.el, tm["median_ms"], self.result["limits"])
-            row.update(status="ok", **tm, **metrics)
-            if name in TRITON_PROVIDERS:  # the tile config it ran with (a tuned table's entry, or the default)
-                row["config"] = triton_config(x, shape)
-            last.setdefault(name, []).append((T, tm["median_ms"]))
-            self.result["rows"].append(row)
+            self.finish(row, tm, shape, T, hit, x, last)
+        if warmed:  # the CPU: every warmed provider timed round by round by the one CPU harness
+            with torch.inference_mode():
+                timed = time_cpu({n: (lambda fn=provs[n], x=x, r=r: fn(x, r)) for n in warmed},
+                                 rounds=self.timer.min_reps, warmup=0)  # warmed up above
+            flags = distrust(timed)
+            for name, row in warmed.items():
+                t = timed[name]
+                tm = dict(summary([v * 1e3 for v in t["times_s"]]), iqr_ms=t["iqr_s"] * 1e3, threads=t["threads"])
+                if name in flags:
+                    row["warning"] = flags[name]
+                self.finish(row, tm, shape, T, hit, x, last)
         del x, r, ref
 
-    def measure(self, fn: Callable, name: str, x: torch.Tensor, r, ref: dict, row: dict) -> dict:
-        """Warm-up call (compiles; its output is checked against the reference), then the timed calls."""
+    def finish(self, row: dict, tm: dict, shape, T: int, hit: int, x: torch.Tensor, last: dict) -> None:
+        """Record a timed provider's row with its derived metrics."""
+        name = row["provider"]
+        metrics = case_metrics(shape, T, hit, self.el, tm["median_ms"], self.result["limits"])
+        row.update(status="ok", **tm, **metrics)
+        if name in TRITON_PROVIDERS:  # the tile config it ran with (a tuned table's entry, or the default)
+            row["config"] = triton_config(x, shape)
+        last.setdefault(name, []).append((T, tm["median_ms"]))
+        self.result["rows"].append(row)
+
+    def warm_up(self, fn: Callable, name: str, x: torch.Tensor, r, ref: dict, row: dict) -> None:
+        """The first call (compiles; its output is checked against the reference's)."""
         with torch.inference_mode():
             t0 = time.perf_counter()
             y = output_tensor(fn(x, r))  # [T, D]
@@ -266,7 +289,6 @@ class _Sweep:
                 row["max_rel_err"] = max_rel_err(y, ref["y"])
                 row["agrees"] = bool(row["max_rel_err"] <= AGREE_RTOL)
             del y
-            return self.timer(lambda fn=fn, x=x, r=r: fn(x, r))
 
 
 def run_sweep(shapes, tokens, providers=GPU_PROVIDERS, *, device="cuda", dtype=torch.bfloat16, skew: float = 0.0,

@@ -6,8 +6,11 @@ Timer(device)(fn) -> {median_ms, p20_ms, p80_ms, min_ms, reps}:
         flushed before each call; the same signature in triton 3.6 and 3.9);
         torch.utils.benchmark when triton is absent (it synchronises CUDA around each block of calls);
   CPU:  torch.utils.benchmark.Timer.blocked_autorange(min_run_time=budget): medians of blocks of calls.
-time_cpu(fns, rounds) times several callables interleaved round by round (one busy moment of the machine
-hits all of them alike) and keeps the median and the interquartile range of each.
+time_cpu(fns, rounds, threads) is the one CPU harness: torch's thread count pinned (and recorded) for the run,
+every callable timed once per round by torch.utils.benchmark, the rounds interleaved across callables (one
+busy moment of the machine hits all of them alike), the median and the interquartile range of each kept.
+distrust(timed, bound) names what cannot be trusted: a callable faster than its own bound by more than
+BEAT_BOUND, or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy prints it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch.utils.benchmark as tb
 
 from ..roofline import H200_BF16_FLOPS, H200_HBM_BPS
 
-__all__ = ["Timer", "time_cpu", "summary", "measure_limits", "progress", "resolve_device", "free_memory"]
+__all__ = ["Timer", "time_cpu", "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD", "summary",
+           "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
 
@@ -78,26 +82,79 @@ class Timer:
         return summary(ts)
 
 
-def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 2) -> dict[str, dict]:
-    """{name: {median_s, iqr_s, times_s}}: every fn timed once per round, the rounds interleaved across fns.
+BEAT_BOUND = 0.05  # a result this much faster than its own bound is impossible: the bound was disturbed
+WIDE_SPREAD = 0.20  # IQR / median above which a timing is too noisy to compare
+BUSY = "the machine looks busy (another process on these cores?): these numbers can't be trusted"
 
-    Each timing is one torch.utils.benchmark call of fn (threads as torch.get_num_threads()).
+
+def _benchmark_clock(fn: Callable[[], object], threads: int) -> Callable[[], float]:
+    t = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return lambda: t.timeit(1).median
+
+
+def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 2, threads: int | None = None,
+             clock: Callable[[Callable[[], object], int], Callable[[], float]] | None = None) -> dict[str, dict]:
+    """{name: {median_s, iqr_s, times_s, threads}}: every fn timed once per round, the rounds interleaved across fns.
+
+    threads: torch's intra-op thread count for the run (default: the current one), set before and restored
+    after. clock(fn, threads) -> a function returning the seconds of one call of fn (default: one
+    torch.utils.benchmark Timer.timeit(1) per call); tests pass a fake one.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    timers = {n: tb.Timer(stmt="fn()", globals={"fn": f}, num_threads=torch.get_num_threads()) for n, f in fns.items()}
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, t in timers.items():
-            times[n].append(t.timeit(1).median)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    before = torch.get_num_threads()
+    threads = before if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    clock = clock or _benchmark_clock
+    torch.set_num_threads(threads)
+    try:
+        clocks = {n: clock(f, threads) for n, f in fns.items()}
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(rounds):
+            for n, c in clocks.items():
+                times[n].append(c())
+    finally:
+        torch.set_num_threads(before)
     out = {}
     for n, ts in times.items():
         s = sorted(ts)
-        out[n] = dict(median_s=statistics.median(s), iqr_s=_quantile(s, 0.75) - _quantile(s, 0.25), times_s=ts)
+        out[n] = dict(median_s=statistics.median(s), iqr_s=_quantile(s, 0.75) - _quantile(s, 0.25), times_s=ts,
+                      threads=threads)
     return out
+
+
+def distrust(timed: dict[str, dict], bound: str | None = None) -> dict[str, str]:
+    """{name: why} for each timing of time_cpu that cannot be trusted (see BEAT_BOUND, WIDE_SPREAD).
+
+    With `bound` (the name of the lower-bound callable), any other callable faster than it by more than
+    BEAT_BOUND is flagged: nothing can beat its own bound, so the bound's rounds were disturbed.
+    """
+    if bound is not None and bound not in timed:
+        raise KeyError(f"bound {bound!r} is not among the timings {sorted(timed)}")
+    out = {}
+    b = timed[bound]["median_s"] if bound is not None else None
+    for name, t in timed.items():
+        med, iqr = t["median_s"], t["iqr_s"]
+        if b is not None and name != bound and med < b * (1 - BEAT_BOUND):
+            out[name] = f"{med / b:.2f}x its own bound (faster than possible)"
+        elif med > 0 and iqr > WIDE_SPREAD * med:
+            out[name] = f"spread {100 * iqr / med:.0f} % of the median (IQR)"
+    return out
+
+
+def warn_if_busy(flags: dict[str, str], where: str = "") -> bool:
+    """Print one warning naming every flagged timing; True when there was anything to warn about."""
+    if not flags:
+        return False
+    items = "; ".join(f"{n}: {why}" for n, why in flags.items())
+    print(f"WARNING{' (' + where + ')' if where else ''}: {BUSY}. {items}")
+    return True
 
 
 def resolve_device(device) -> torch.device:

@@ -14,24 +14,43 @@ __all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "p
 
 
 def plot_bench_cpu(result: dict) -> Figure:
-    """Bar chart of milliseconds per provider, one panel per (dtype, T), with the GEMM-only bound marked."""
-    rows = result["rows"]
-    cases = sorted({(r["dtype"], r["tokens"]) for r in rows}, key=lambda c: (c[0], c[1]))
-    fig = Figure(figsize=(4.2 * len(cases), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(cases), squeeze=False)
-    for ax, (dt, T) in zip(axes[0], cases):
-        sel = [r for r in rows if r["dtype"] == dt and r["tokens"] == T]
-        names = [r["provider"] for r in sel]
-        ms = [r["seconds"] * 1e3 for r in sel]
-        colors = ["#888888" if n == "gemm_only" else "#3b75af" for n in names]
-        ax.bar(names, ms, color=colors)
-        for i, r in enumerate(sel):
-            ax.text(i, ms[i], f"{r['ratio_to_bound']:.2f}x", ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{dt}, T={T}")
-        ax.set_ylabel("ms (median)")
-        ax.tick_params(axis="x", rotation=35)
+    """Time / the GEMM-only bound against T, one panel per (shape, dtype), one line per provider.
+
+    Error bars: each provider's interquartile range over the bound's median. A row that could not be trusted
+    (faster than its own bound, or a wide spread) is circled in red and named in the legend. The dotted line
+    at 1.10 is the grouped strategy's target at T >= 1024.
+    """
+    rows = [r for r in result["rows"] if r.get("status", "ok") == "ok"]
+    panels = sorted({(r["shape"], r["dtype"]) for r in rows})
+    fig = Figure(figsize=(5.2 * len(panels), 3.9), layout="constrained")
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (sh, dt) in zip(axes, panels):
+        sel = [r for r in rows if (r["shape"], r["dtype"]) == (sh, dt)]
+        bound = {r["tokens"]: r["seconds"] for r in sel if r["provider"] == "gemm_only"}
+        untrusted = False
+        for prov in dict.fromkeys(r["provider"] for r in sel):
+            pr = sorted((r for r in sel if r["provider"] == prov), key=lambda r: r["tokens"])
+            Ts = [r["tokens"] for r in pr]
+            ys = [r["ratio_to_bound"] for r in pr]
+            err = [r.get("iqr_s", 0.0) / bound[r["tokens"]] / 2 for r in pr]
+            color, marker = PROVIDER_STYLE.get(prov, (None, "o"))
+            if prov == "gemm_only":
+                color, marker = "#000000", ""
+            ax.errorbar(Ts, ys, yerr=err, label=prov, color=color, marker=marker, ms=4, capsize=2, lw=1.2)
+            bad = [(r["tokens"], r["ratio_to_bound"]) for r in pr if r.get("warning")]
+            if bad:
+                untrusted = True
+                ax.scatter(*zip(*bad), s=120, facecolors="none", edgecolors="red", lw=1.5, zorder=5)
+        ax.axhline(1.10, color="#888888", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("time / GEMM-only bound")
+        ax.set_title(f"{sh}, {dt}" + ("  (red circles: untrusted)" if untrusted else ""), fontsize=9,
+                     color="red" if untrusted else "black")
+        ax.legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(f"{result['shape']['name']} on {m['device']} — torch {m['torch']}, {m['date'][:10]}", fontsize=9)
+    threads = result.get("threads", m.get("torch_threads"))
+    fig.suptitle(f"{m['device']}, {threads} torch threads, torch {m['torch']}, {m['date'][:10]}", fontsize=9)
     return fig
 
 
