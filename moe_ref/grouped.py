@@ -19,7 +19,7 @@ import torch.nn.functional as Fn
 
 from .grouping import DispatchPlan, group_by_expert
 from .permute import combine_rows, permute
-from .reference import check_weights
+from .reference import check_weights, swiglu
 from .router import Routing, validate_routing
 from .strategy import StrategyResult, register_strategy
 
@@ -48,9 +48,13 @@ def expert_ffn_into(xe: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor, o
 
     The down GEMM writes straight into `out` (a row block of the caller's buffer), SwiGLU multiplies in
     place into silu(gate), and the gate weight scales the output rows in place: the same bits as
-    expert_ffn(xe, w13_e, w2_e) * scale.
+    expert_ffn(xe, w13_e, w2_e) * scale. Under autograd (an input requiring grad, grad mode on), where
+    out= and in-place steps are not allowed, it computes the same out of place and copies it into `out`.
     """
     F = w2_e.shape[1]
+    if needs_grad(xe, w13_e, w2_e, scale):
+        y = swiglu(xe @ w13_e.t()) @ w2_e.t()  # [n, D]
+        return out.copy_(y if scale is None else y * scale)
     h = torch.mm(xe, w13_e.t())  # [n, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [n, F]
     a.mul_(h[:, F:])
@@ -58,6 +62,11 @@ def expert_ffn_into(xe: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor, o
     if scale is not None:
         out.mul_(scale)
     return out
+
+
+def needs_grad(*ts: torch.Tensor | None) -> bool:
+    """True when autograd records: grad mode on and some tensor requires grad (then no out= or in-place)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def gate_weights(r: Routing, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
@@ -165,10 +174,14 @@ def grouped_mm_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Ten
         xs = Fn.pad(xs, (0, Dp - D))  # [N, Dp]
     offs = plan.offsets[1:].to(torch.int32)  # [E] end row of each expert's group
     h = gmm(xs, w13p.transpose(1, 2), offs=offs)  # [N, 2Fp]: gate | up
-    a = Fn.silu(h[:, :Fp])  # [N, Fp], SwiGLU in place
-    a.mul_(h[:, Fp:])
-    ys = gmm(a, w2p.transpose(1, 2), offs=offs)  # [N, Dp]
-    ys.mul_(gate_weights(r, plan, x.dtype))  # the gate weight folded into the output rows
+    ws = gate_weights(r, plan, x.dtype)  # [N, 1]
+    if needs_grad(x, w13, w2, ws):  # autograd: the same steps out of place
+        ys = gmm(swiglu(h), w2p.transpose(1, 2), offs=offs) * ws  # [N, Dp]
+    else:
+        a = Fn.silu(h[:, :Fp])  # [N, Fp], SwiGLU in place
+        a.mul_(h[:, Fp:])
+        ys = gmm(a, w2p.transpose(1, 2), offs=offs)  # [N, Dp]
+        ys.mul_(ws)  # the gate weight folded into the output rows
     if Dp != D or plan.num_rows < plan.num_tokens * plan.top_k:  # a zero row N for dropped slots
         out = row_buffer(plan, ys, D)
         out[: plan.num_rows] = ys[:, :D]

@@ -192,3 +192,19 @@ def test_combine_rows_sums_weighted_rows_and_reads_the_zero_row_for_drops():
         combine_rows(ys[:3], plan)  # no zero row although the plan drops slots
     full = moe_ref.group_by_expert(torch.tensor([[1], [0]]), 2)  # K = 1, nothing dropped
     assert torch.equal(combine_rows(torch.tensor([[5.0], [7.0]]), full), torch.tensor([[7.0], [5.0]]))
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "grouped_mm"])
+def test_grouped_strategies_run_under_autograd(strategy):
+    """Weights that require grad (a transformers model outside no_grad): same output, and gradients flow."""
+    layer, x = make_case(20, 16, 8, 4, 2, seed=2, dtype=torch.float32)
+    r = layer.route(x)
+    fn = moe_ref.strategy.get_strategy(strategy)
+    with torch.no_grad():
+        want = fn(x, r, layer.w13, layer.w2).y
+    w13 = layer.w13.detach().clone().requires_grad_(True)
+    y = fn(x, r, w13, layer.w2).y
+    assert y.requires_grad
+    assert_close(y, want)
+    y.sum().backward()
+    assert w13.grad is not None and bool(w13.grad.abs().sum() > 0)
