@@ -38,7 +38,8 @@ check: setup
 	  -p no:cacheprovider tests
 
 ## make test: lint, the unit tests (incl. the real-browser notebook test), every notebook under nbmake.
-test: setup browser-deps
+## It changes nothing on the system: the browser comes from `make browser-deps` (what .ci/run calls first).
+test: setup
 	$(BIN)/ruff check moe_ref kernels tests
 	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
 
@@ -54,9 +55,11 @@ tour: setup
 	done
 	@echo "HTML written under build/tour/"
 
-## make lab: JupyterLab on the notebooks.
+## make lab: JupyterLab on the notebooks (--allow-root only when run as root); more options: make lab LAB_ARGS="--port 8889"
+LAB_ARGS ?=
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	@echo "JupyterLab on notebooks/: open the http://127.0.0.1:...?token=... URL it prints below (Ctrl-C stops it)"
+	$(BIN)/jupyter lab notebooks/ $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi) $(LAB_ARGS)
 
 ## make bench: CPU benchmark of the strategies (JSON + PNG under build/bench/).
 bench: setup

@@ -4,6 +4,7 @@ Legend used throughout: T tokens, D d_model, F d_ff per expert, E experts, K top
 C capacity per expert, P expert-parallel ranks.
 """
 
+from .advise import advise  # the function (its module: moe_ref/advise.py)
 from .batching import DynamicBatcher, simulate_dynamic_batching
 from .capacity import CapacityResult, apply_capacity, expert_capacity, priority_rank
 from .config import CapacityConfig, MoEConfig
@@ -42,4 +43,6 @@ __all__ = [
     # capacity experiments and dynamic batching
     "DynamicBatcher", "simulate_dynamic_batching", "expert_popularity", "skewed_routing", "random_routing",
     "load_imbalance", "coefficient_of_variation", "drop_share", "padding_waste", "capacity_quality_table",
+    # choosing a strategy by workload and deployment
+    "advise",
 ]

@@ -19,10 +19,17 @@ One forward on one rank (`rank_program`):
   3. stats: one all-gather of a few integers per rank, so every rank knows the traffic matrix and the
      per-rank loads (the imbalance across ranks).
 
-The program is a generator: at each collective it *yields* a request (AllToAll / AllGather) and is sent
-back the result. moe_ref.parallel runs it with torch.distributed (one program per process) or simulates
+The program is a generator: at each collective it *yields* a request (AllToAll / AllGather / Wait) and is
+sent back the result. moe_ref.parallel runs it with torch.distributed (one program per process) or simulates
 P programs in lockstep in one process, answering the same requests with list shuffles. The plan code is
-therefore literally the same in both.
+therefore literally the same in both. A request may name a subgroup (`ranks`: the global ranks of the
+group, in order; subgroups come from torch.distributed.new_group) and may be asynchronous (`async_op`: the
+answer is a handle, and a later `Wait(handle)` yields the result).
+
+Step 2's token exchange is pluggable (`rank_program(..., exchange=...)`): `flat_exchange` below (one
+all_to_all over all P ranks), moe_ref.parallel.hierarchical (inter-node, then intra-node) and
+moe_ref.parallel.overlap (two micro-batches, asynchronous). Further schemes register by name
+(`register_scheme`).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from .reference import check_weights
 from .router import Routing, validate_routing
 from .strategy import get_strategy
 
-__all__ = ["AllToAll", "AllGather", "EPRankStats", "check_world", "shard_bounds", "shard_experts",
-           "dispatch_splits", "local_expert_ids", "rank_program", "naive_rank_program", "SCHEMES", "get_scheme"]
+__all__ = ["AllToAll", "AllGather", "Wait", "PassResult", "EPRankStats", "check_world", "shard_bounds",
+           "shard_experts", "dispatch_splits", "local_expert_ids", "flat_exchange", "local_compute", "rank_program",
+           "naive_rank_program", "SCHEMES", "get_scheme", "register_scheme"]
 
 
 # ----------------------------------------------------------------------------- collective requests
@@ -57,6 +65,8 @@ class AllToAll:
     send_splits: list[int]
     recv_splits: list[int]
     tag: str = "tokens"  # "tokens" (token rows) or "meta" (counts, routing, stats): for traffic meters
+    ranks: tuple[int, ...] | None = None  # the subgroup's ranks in order (splits index into it); None = all
+    async_op: bool = False  # answer with a handle; `yield Wait(handle)` gives the rows
 
 
 @dataclass
@@ -65,6 +75,29 @@ class AllGather:
 
     tensor: torch.Tensor
     tag: str = "meta"
+
+
+@dataclass
+class Wait:
+    """Wait for an asynchronous request's handle; the answer is what the request would have answered."""
+
+    handle: object
+
+
+@dataclass
+class PassResult:
+    """What one pass of a token exchange returns to rank_program.
+
+    output [T, D] (this rank's tokens, combine dtype); send_rows / recv_rows [P] token rows this rank sent
+    to / received from each rank (dispatch; the combine moves the same rows back); load [El] rows each
+    local expert computed; meta_bytes: bytes of the exchange's small messages (counts, routing).
+    """
+
+    output: torch.Tensor
+    send_rows: torch.Tensor
+    recv_rows: torch.Tensor
+    load: torch.Tensor
+    meta_bytes: int = 0
 
 
 Program = Generator[object, object, tuple[torch.Tensor, "EPRankStats"]]
@@ -219,13 +252,40 @@ def _check_inputs(x, routing, w13_local, w2_local, num_experts, world_size, rank
     return El, D, F
 
 
+def flat_exchange(x: torch.Tensor, r: Routing, w13_local: torch.Tensor, w2_local: torch.Tensor, *,
+                  num_experts: int, world_size: int, rank: int, strategy: str):
+    """One pass over all P ranks: counts exchange, token rows all_to_all, local compute, reverse, combine.
+
+    x [T, D], r [T, K] (global ids, -1 dropped). A generator of requests; returns a PassResult.
+    """
+    P, E = world_size, num_experts
+    El = E // P
+    plan = group_by_expert(r.topk_ids, E)  # grouped by expert == grouped by destination rank
+    send_counts = dispatch_splits(plan, P)  # [P, El]
+    recv_counts = yield AllToAll(send_counts.reshape(-1), [El] * P, [El] * P, "meta")  # counts first
+    recv_counts = recv_counts.view(P, El)  # [P, El] rows from rank p for local expert j
+    send_splits = send_counts.sum(1).tolist()  # [P] (host sync: split sizes are host ints)
+    recv_splits = recv_counts.sum(1).tolist()  # [P]
+    xs = permute(x, plan)  # [N, D] grouped by destination rank, then expert
+    xr = yield AllToAll(xs, send_splits, recv_splits)  # [M, D] grouped by source, then local expert
+    yr = local_compute(xr, recv_counts, w13_local, w2_local, strategy)  # [M, D], same row order
+    ys = yield AllToAll(yr, recv_splits, send_splits)  # [N, D] back in this rank's send order
+    yp = unpermute(ys, plan, r.topk_weights)  # [T, D] deterministic gather-and-reduce over K
+    return PassResult(yp, torch.tensor(send_splits), torch.tensor(recv_splits), recv_counts.sum(0).cpu(),
+                      El * (P - 1) * 8)
+
+
 def rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_local: torch.Tensor, *,
                  num_experts: int, world_size: int, rank: int, strategy: str = "grouped",
-                 capacity: CapacityConfig | None = None, scoring: str = "softmax") -> Program:
+                 capacity: CapacityConfig | None = None, scoring: str = "softmax",
+                 ranks_per_node: int | None = None, exchange=None) -> Program:
     """The expert-parallel forward of one rank, as a generator of collective requests.
 
     x [T, D] and routing ([T, K], global expert ids) are this rank's own tokens; w13_local [El, 2F, D] and
     w2_local [El, D, F] its expert shard. Returns (y [T, D] in x's dtype, EPRankStats).
+    exchange: the per-pass token exchange (a generator function with flat_exchange's signature returning
+    a PassResult); None = flat_exchange. ranks_per_node is a layout hint for exchanges that use one
+    (the flat exchange ignores it).
     Input errors are raised before the first collective (on this rank only; the launcher's timeout and
     the peers' broken connections end the others).
     """
@@ -233,6 +293,7 @@ def rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_
     P, E = world_size, num_experts
     T = x.shape[0]
     dev = x.device
+    exchange = flat_exchange if exchange is None else exchange
     meta_bytes = 0
 
     # 1. capacity: one globally consistent decision over all ranks' routings
@@ -250,22 +311,13 @@ def rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_
     load = torch.zeros(El, dtype=torch.long)
     y = None
     for r in passes:
-        plan = group_by_expert(r.topk_ids, E)  # grouped by expert == grouped by destination rank
-        send_counts = dispatch_splits(plan, P)  # [P, El]
-        recv_counts = yield AllToAll(send_counts.reshape(-1), [El] * P, [El] * P, "meta")  # counts first
-        recv_counts = recv_counts.view(P, El)  # [P, El] rows from rank p for local expert j
-        meta_bytes += El * (P - 1) * 8
-        send_splits = send_counts.sum(1).tolist()  # [P] (host sync: split sizes are host ints)
-        recv_splits = recv_counts.sum(1).tolist()  # [P]
-        xs = permute(x, plan)  # [N, D] grouped by destination rank, then expert
-        xr = yield AllToAll(xs, send_splits, recv_splits)  # [M, D] grouped by source, then local expert
-        yr = _local_compute(xr, recv_counts, w13_local, w2_local, strategy)  # [M, D], same row order
-        ys = yield AllToAll(yr, recv_splits, send_splits)  # [N, D] back in this rank's send order
-        yp = unpermute(ys, plan, r.topk_weights)  # [T, D] deterministic gather-and-reduce over K
-        y = yp if y is None else y.to(combine_dtype(x.dtype)) + yp
-        send_rows += torch.tensor(send_splits)
-        recv_rows += torch.tensor(recv_splits)
-        load += recv_counts.sum(0).cpu()
+        res = yield from exchange(x, r, w13_local, w2_local, num_experts=E, world_size=P, rank=rank,
+                                  strategy=strategy)
+        y = res.output if y is None else y.to(combine_dtype(x.dtype)) + res.output
+        send_rows += res.send_rows
+        recv_rows += res.recv_rows
+        load += res.load
+        meta_bytes += res.meta_bytes
 
     # 3. group-wide stats: traffic matrix and per-rank loads (a few ints per rank)
     mine = torch.cat([send_rows, load.sum().view(1), torch.tensor([T])]).to(dev)  # [P + 2]
@@ -281,8 +333,8 @@ def rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_
     return y.to(x.dtype), stats
 
 
-def _local_compute(xr: torch.Tensor, recv_counts: torch.Tensor, w13_local: torch.Tensor,
-                   w2_local: torch.Tensor, strategy: str) -> torch.Tensor:
+def local_compute(xr: torch.Tensor, recv_counts: torch.Tensor, w13_local: torch.Tensor,
+                  w2_local: torch.Tensor, strategy: str) -> torch.Tensor:
     """Run received rows xr [M, D] through their local experts with a registered strategy.
 
     The rows are re-grouped by local expert by the strategy itself: each row is a "token" routed to one
@@ -298,7 +350,8 @@ def _local_compute(xr: torch.Tensor, recv_counts: torch.Tensor, w13_local: torch
 
 def naive_rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_local: torch.Tensor, *,
                        num_experts: int, world_size: int, rank: int, strategy: str = "grouped",
-                       capacity: CapacityConfig | None = None, scoring: str = "softmax") -> Program:
+                       capacity: CapacityConfig | None = None, scoring: str = "softmax",
+                       ranks_per_node: int | None = None) -> Program:
     """The naive expert-parallel forward, for comparison: send every token to every rank.
 
     All-gather x and the routing (every rank gets all T_total tokens), each rank computes its own experts'
@@ -348,7 +401,14 @@ SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
 
 
 def get_scheme(name: str):
-    """The plan generator of scheme `name` ("grouped" all_to_all or "naive" all-gather); ValueError otherwise."""
+    """The plan generator of scheme `name` ("grouped" all_to_all, "naive" all-gather, or a registered one)."""
     if name not in SCHEMES:
         raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {name!r}")
     return SCHEMES[name]
+
+
+def register_scheme(name: str, program) -> None:
+    """Add a plan generator under `name` (moe_ref.parallel registers "hierarchical" and "overlap")."""
+    if not isinstance(name, str) or not name or not callable(program):
+        raise TypeError("register_scheme needs a non-empty name and a callable plan generator")
+    SCHEMES[name] = program

@@ -292,6 +292,7 @@ def synthetic_result(complete=True) -> dict:
                 settings=dict(dtype="bfloat16"), limits=dict(copy_Bps=4e12, matmul_flops=7e14))
 
 
+@pytest.mark.slow  # draws every device chart
 def test_gpu_charts_from_synthetic_result(tmp_path):
     res = synthetic_result(complete=False)
     fig = plot_bench_gpu_times(res)

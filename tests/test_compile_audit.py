@@ -175,6 +175,7 @@ for kernel in (planes_i32, planes_i64):
 '''
 
 
+@pytest.mark.slow  # compiles two kernels for sm_90
 def test_the_audit_fails_a_compiled_32_bit_stride_product_and_passes_the_int64_one(tmp_path):
     script = tmp_path / "planes.py"  # a file: triton.jit reads the kernels' source
     script.write_text(_KERNELS)

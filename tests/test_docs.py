@@ -125,3 +125,38 @@ def test_every_public_class_and_function_has_its_own_docstring():
             if not doc or not doc.strip() or doc.startswith(f"{obj.__name__}("):  # dataclass auto-doc
                 bare.append(f"{m}.{n}")
     assert not bare, f"public names without a docstring: {bare}"
+
+
+def _readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_snippets_define_every_name_they_use():
+    """Each README Python snippet runs on its own: every name it reads is imported or assigned in it."""
+    import ast
+    import builtins
+
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 2, "README.md should show the quick start and the Hugging Face snippet"
+    for code in blocks:
+        tree = ast.parse(code)
+        bound = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                bound.add(node.id)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not used - bound, f"README snippet uses undefined names {sorted(used - bound)}:\n{code}"
+
+
+@pytest.mark.slow
+def test_readme_snippets_run():
+    for code in _readme_python_blocks():
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example code
+
+
+def test_readme_says_how_to_choose_the_torch_build():
+    readme = (ROOT / "README.md").read_text()
+    assert "TORCH_SPEC" in readme and "download.pytorch.org/whl/cpu" in readme and "CUDA" in readme
+    assert "make browser-deps" in readme and "CI=true" in readme

@@ -181,6 +181,7 @@ def test_from_hf_errors():
         hf.from_hf("not a module")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_moe_ref_does_not_import_transformers():
     code = ("import sys, moe_ref; assert 'transformers' not in sys.modules, 'transformers imported'; "
             "assert callable(moe_ref.hf.patch_model)")  # the lazy attribute works

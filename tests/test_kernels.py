@@ -220,7 +220,9 @@ def test_each_kernel_matches_its_torch_reference(dtype):
 # ------------------------------------------------------------------------ split-K second GEMM
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("F,split", [(100, 3), (100, 8), (22, 4), (48, 3), (33, 1)])
+@pytest.mark.parametrize("F,split", [(100, 3), pytest.param(100, 8, marks=pytest.mark.slow), (22, 4),
+                                     pytest.param(48, 3, marks=pytest.mark.slow),
+                                     pytest.param(33, 1, marks=pytest.mark.slow)])  # the fast tier keeps two
 def test_split_k_down_matches_reference(F, split, dtype):
     """down() with SPLIT_K: fp32 partial sums per chunk of F (each a multiple of BLOCK_K, the last one short;
     SPLIT_K capped at the number of BLOCK_K steps), summed by combine in a fixed order."""
@@ -249,6 +251,7 @@ def test_split_k_down_matches_reference(F, split, dtype):
     assert_close(full, reference(layer, x, r_drop), dtype=dtype, msg=f"fused_moe split {split}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_align_method_in_config_gives_the_same_output(dtype):
     """ALIGN="one_program" and "chunked" build the same plan, so fused_moe's output is bitwise the same."""
@@ -428,6 +431,7 @@ def test_layer_strategy_triton_with_capacity(overflow):
         assert_close(out.output, reference(layer, x, layer.route(x)), dtype=torch.float32)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_strategy_triton_clear_error_without_interpreter_or_gpu():
     """Without TRITON_INTERPRET and without CUDA, strategy 'triton' says how to enable it."""
     code = textwrap.dedent("""
@@ -448,6 +452,7 @@ def test_strategy_triton_clear_error_without_interpreter_or_gpu():
     assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.slow  # compiles every kernel for sm_90
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs kernels as numpy; this really compiles them (to sm_90 cubins) to catch the rest."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -46,3 +46,14 @@ def test_transformers_unaffected_from_repo_root():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_every_subpackage_is_listed_for_installation():
+    """A wheel holds only the packages pyproject.toml lists: a new subpackage must be added there."""
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"moe_ref." + p.parent.relative_to(root / "moe_ref").as_posix().replace("/", ".")
+             for p in (root / "moe_ref").rglob("__init__.py") if p.parent != root / "moe_ref"}
+    assert found | {"moe_ref", "moe_ref.kernels"} <= listed, sorted(found - listed)

@@ -335,6 +335,7 @@ def test_torchrun_cli_bad_option_fails():
     assert code != 0 and "--preset" in out and "no-such-model" in out, out[-4000:]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_module_entry_point_runs_without_warnings():
     """`python -m moe_ref.parallel` (the torchrun target) imports cleanly: no runpy double-import warning."""
     res = subprocess.run([sys.executable, "-W", "error", "-m", "moe_ref.parallel", "--help"], capture_output=True,

@@ -9,11 +9,15 @@ guarantees it: a batch can still be skewed (the seed's point, measured by the si
 
 flush.py:     FlushRule, the one rule for when a batch is dispatched and which requests it takes;
 batcher.py:   DynamicBatcher, the live asyncio batcher that follows it;
-simulator.py: simulate_dynamic_batching, the same rule on Poisson arrivals with a cost model.
+simulator.py: simulate_dynamic_batching, the same rule on Poisson arrivals with a cost model;
+continuous.py: simulate_serving, iteration-level (continuous) batching with chunked prefill against
+              request-level batching, prompt and output tokens, priced by moe_ref.costmodel.
 """
 
 from .batcher import BatchRecord, DynamicBatcher
+from .continuous import ServingSimulation, draw_workload, serving_comparison, simulate_serving
 from .flush import FlushRule
 from .simulator import BatchingSimulation, simulate_dynamic_batching
 
-__all__ = ["BatchRecord", "DynamicBatcher", "BatchingSimulation", "FlushRule", "simulate_dynamic_batching"]
+__all__ = ["BatchRecord", "DynamicBatcher", "BatchingSimulation", "FlushRule", "simulate_dynamic_batching",
+           "ServingSimulation", "draw_workload", "serving_comparison", "simulate_serving"]

@@ -1,4 +1,5 @@
-"""The dynamic-batching simulator: Poisson arrivals, the batcher's FlushRule, a deterministic cost model.
+"""The dynamic-batching simulator: Poisson arrivals, the batcher's FlushRule, a deterministic cost model
+(linear in the rows, or moe_ref.costmodel's hardware model).
 
 Legend: T tokens in a batch, L_i tokens of request i, D d_model, F d_ff, E experts, K top-k.
 Every token is really routed (random_routing, or random tokens through a layer's router), so each
@@ -15,14 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MoEConfig
+from ..costmodel import H200, DeviceProfile, step_cost
 from ..layer import MoELayer
 from ..metrics import coefficient_of_variation, load_imbalance
 from ..skew import random_routing, skewed_routing
 from ..stats import expert_counts
-from ..validate import check_choice, check_int, check_number
+from ..validate import check_choice, check_instance, check_int, check_number
 from .flush import FlushRule
 
-__all__ = ["BatchingSimulation", "simulate_dynamic_batching"]
+__all__ = ["BatchingSimulation", "poisson_arrivals", "simulate_dynamic_batching"]
 
 
 @dataclass
@@ -56,6 +58,13 @@ class BatchingSimulation:
     params: dict
 
 
+def poisson_arrivals(arrival_rate: float, n: int, g: torch.Generator) -> list[float]:
+    """n arrival times (s) of a Poisson process of `arrival_rate` per second: cumulative exponential gaps."""
+    check_number("arrival_rate", arrival_rate, 0, strict=True)
+    gaps = torch.empty(n, dtype=torch.float64).exponential_(arrival_rate, generator=g)
+    return torch.cumsum(gaps, 0).tolist()
+
+
 def _draw_lengths(request_len, n: int, g: torch.Generator) -> list[int]:
     if isinstance(request_len, int) and not isinstance(request_len, bool):
         if request_len < 1:
@@ -85,7 +94,7 @@ def _draw_lengths(request_len, n: int, g: torch.Generator) -> list[int]:
 def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: int, max_batch_tokens: int,
                               max_wait: float, request_len=(1, 64), seed: int = 0, skew: float = 0.0,
                               time_per_row_s: float | None = None, batch_overhead_s: float = 1e-4,
-                              cost: str = "sum", flops_per_s: float = 1e11) -> BatchingSimulation:
+                              cost: str = "sum", flops_per_s: float = 1e11, profile=None) -> BatchingSimulation:
     """Simulate the DynamicBatcher's flush rule on Poisson arrivals, with a deterministic cost model.
 
     layer_or_cfg: a MoELayer (its router routes random tokens, biased by `skew` via skewed_routing)
@@ -100,6 +109,9 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
         rows = T*K ("sum": experts run one after another) or E * max expert load ("max": experts
         run in parallel, so the busiest one sets the pace: imbalance costs time). time_per_row_s
         defaults to 6*D*F / flops_per_s (one token through one SwiGLU expert).
+        cost="model": the hardware cost model instead (moe_ref.costmodel.step_cost on `profile`, a
+        DeviceProfile, default H200): weight reads of the experts the batch touches vs its FLOPs, plus the
+        profile's overheads (batch_overhead_s, time_per_row_s and flops_per_s are not used).
     """
     if not isinstance(layer_or_cfg, (MoELayer, MoEConfig)):
         raise TypeError(f"layer_or_cfg must be a MoELayer or MoEConfig, got {type(layer_or_cfg).__name__}")
@@ -107,13 +119,14 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
     check_number("arrival_rate", arrival_rate, 0, strict=True)
     check_int("num_requests", num_requests, low=1)
     rule = FlushRule(max_batch_tokens, max_wait)
-    check_choice("cost", cost, ("sum", "max"))
+    check_choice("cost", cost, ("sum", "max", "model"))
+    if cost == "model":
+        profile = H200 if profile is None else check_instance("profile", profile, DeviceProfile)
     E, K = cfg.num_experts, cfg.top_k
     per_row = time_per_row_s if time_per_row_s is not None else cfg.expert_flops_per_row() / flops_per_s
 
     g = torch.Generator().manual_seed(int(seed))
-    gaps = torch.empty(num_requests, dtype=torch.float64).exponential_(arrival_rate, generator=g)
-    arrivals = torch.cumsum(gaps, 0).tolist()  # [N] seconds
+    arrivals = poisson_arrivals(arrival_rate, num_requests, g)  # [N] seconds
     lengths = _draw_lengths(request_len, num_requests, g)
     ids = _route_tokens(layer_or_cfg, sum(lengths), skew, g, int(seed))  # [sum L, K]
     offsets = list(itertools.accumulate(lengths, initial=0))  # request i owns tokens offsets[i]:offsets[i+1]
@@ -123,7 +136,10 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
         start, reason, j = _next_batch(rule, arrivals, lengths, offsets, i, free)
         tokens = offsets[j] - offsets[i]
         cnt = expert_counts(ids[offsets[i]:offsets[j]], E)  # [E]
-        compute = batch_overhead_s + per_row * (tokens * K if cost == "sum" else E * int(cnt.max()))
+        if cost == "model":
+            compute = step_cost(cfg, tokens, int((cnt > 0).sum()), profile)["time_s"]
+        else:
+            compute = batch_overhead_s + per_row * (tokens * K if cost == "sum" else E * int(cnt.max()))
         batches.append(dict(index=len(batches), first_request=i, start=start, end=start + compute,
                             num_requests=j - i, num_tokens=tokens, reason=reason, compute_s=compute,
                             expert_counts=cnt.tolist(), load_imbalance=load_imbalance(cnt),
@@ -132,7 +148,8 @@ def simulate_dynamic_batching(layer_or_cfg, arrival_rate: float, num_requests: i
         free, i = start + compute, j
     params = dict(arrival_rate=arrival_rate, num_requests=num_requests, max_batch_tokens=max_batch_tokens,
                   max_wait=max_wait, request_len=repr(request_len), seed=seed, skew=skew, cost=cost,
-                  time_per_row_s=per_row, batch_overhead_s=batch_overhead_s, num_experts=E, top_k=K)
+                  time_per_row_s=per_row, batch_overhead_s=batch_overhead_s, num_experts=E, top_k=K,
+                  profile=profile.name if cost == "model" else None)
     return _summarize(batches, arrivals, lengths, params)
 
 

@@ -3,6 +3,12 @@
 Legend: T tokens (T_total: the whole batch), D d_model, F d_ff, E experts, K top-k, P ranks, El = E / P.
 
     MASTER_ADDR=127.0.0.1 torchrun --nproc-per-node 4 -m moe_ref.parallel --check
+    MASTER_ADDR=127.0.0.1 torchrun --nproc-per-node 4 -m moe_ref.parallel --check --ranks-per-node 2
+    MASTER_ADDR=127.0.0.1 torchrun --nproc-per-node 4 -m moe_ref.parallel --check --overlap
+
+--ranks-per-node L lays the P processes out as P / L nodes of L ranks and runs the hierarchical scheme
+(subgroups from new_group) next to the flat one: both are checked, and the last lines compare the bytes
+that cross between nodes. --overlap runs the two-micro-batch scheme with async_op=True collectives.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..ep_plan import SCHEMES, shard_experts
 from ..layer import MoELayer, moe_forward
 from ..reference import reference_moe
 from ..skew import skewed_routing
-from .report import rank_line, summary
+from .report import inter_node_lines, rank_line, summary
 from .split import split_tokens
 from .transport import all_gather_uneven, ep_forward
 
@@ -50,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="lay the ranks out as nodes of this many ranks: run the hierarchical all-to-all and "
+                        "compare its inter-node bytes with the flat one")
+    p.add_argument("--overlap", action="store_true",
+                   help="two micro-batches with async_op=True all_to_all (dispatch of one during the other's "
+                        "expert compute)")
     return p
 
 
@@ -91,9 +103,25 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
 
 
+def _scheme(args) -> str:
+    """The scheme this run checks: --ranks-per-node -> hierarchical, --overlap -> overlap, else --scheme."""
+    if args.ranks_per_node is not None and args.overlap:
+        raise SystemExit("--ranks-per-node and --overlap are separate schemes: choose one")
+    if (args.ranks_per_node is not None or args.overlap) and args.scheme != "grouped":
+        raise SystemExit(f"--scheme {args.scheme} cannot be combined with --ranks-per-node or --overlap")
+    if args.ranks_per_node is not None:
+        if args.ranks_per_node < 1 or dist.get_world_size() % args.ranks_per_node:
+            raise SystemExit(f"--ranks-per-node {args.ranks_per_node} must divide the world size "
+                             f"{dist.get_world_size()}")
+        return "hierarchical"
+    return "overlap" if args.overlap else args.scheme
+
+
 def _run(args, backend: str, dev: torch.device) -> int:
     """This rank's part of the forward, the check, the report; exit code 0 when every rank passed."""
     rank, P = dist.get_rank(), dist.get_world_size()
+    scheme = _scheme(args)
+    args.scheme = scheme  # what the summary reports
     D, F, E, K = PRESETS[args.preset]
     layer = MoELayer(MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K), dtype=getattr(torch, args.dtype),
                      seed=args.seed).to(dev)  # same seeded weights on every rank
@@ -105,12 +133,20 @@ def _run(args, backend: str, dev: torch.device) -> int:
     routing = skewed_routing(x, layer.router_weight, K, args.skew)  # skew=0: exactly layer.route(x)
     cap = _capacity(args)
     w13, w2 = shard_experts(layer.w13.detach(), layer.w2.detach(), P, rank)  # [El, 2F, D], [El, D, F]
-    out = ep_forward(x, routing, w13, w2, num_experts=E, strategy=args.strategy, capacity=cap, scheme=args.scheme)
-    ys = torch.cat(all_gather_uneven(out.output))  # [T_total, D] on every rank
+    runs = {scheme: None}
+    if scheme == "hierarchical":
+        runs["grouped"] = None  # the flat all-to-all on the same layout, for the inter-node comparison
+    for name in runs:
+        runs[name] = ep_forward(x, routing, w13, w2, num_experts=E, strategy=args.strategy, capacity=cap,
+                                scheme=name, ranks_per_node=args.ranks_per_node)
+    out = runs[scheme]
     lines, ok = [rank_line(out.stats, E, backend)], True
     if args.check:
-        ok, line = _check(args, layer, x_all, ys, out.stats, cap)
-        lines.append(line)
+        for name, o in runs.items():
+            ys = torch.cat(all_gather_uneven(o.output))  # [T_total, D] on every rank
+            good, line = _check(args, layer, x_all, ys, o.stats, cap)
+            ok = ok and good
+            lines.append(line if name == scheme else line.replace("check OK", f"check OK ({name} too)"))
     for p in range(P):  # print rank by rank, in order
         if p == rank:
             print("\n".join(lines), flush=True)
@@ -122,6 +158,8 @@ def _run(args, backend: str, dev: torch.device) -> int:
     if rank == 0 and args.check:
         print("CHECK PASSED on all ranks" if int(failed) == 0 else f"CHECK FAILED on {int(failed)} rank(s)",
               flush=True)
+    if rank == 0 and scheme == "hierarchical":
+        print(inter_node_lines(runs["grouped"].stats, out.stats, args.ranks_per_node), flush=True)
     return 0 if int(failed) == 0 else 1
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CapacityConfig
-from ..ep_plan import AllGather, EPRankStats, check_world, get_scheme, shard_experts
+from ..ep_plan import AllGather, EPRankStats, Wait, check_world, get_scheme, shard_experts
 from ..router import Routing, check_x2d
 from .split import split_routing, split_tokens
 
@@ -53,30 +53,60 @@ class EPSimResult:
         return int(m.sum() - m.diagonal().sum())
 
 
-def _all_gather(reqs: list, meter: torch.Tensor) -> list:
-    """Every rank gets the P tensors; rank p's tensor is metered once per receiving rank."""
-    for p, r in enumerate(reqs):
-        meter[p] += r.tensor.numel() * r.tensor.element_size()
+@dataclass
+class _Done:
+    """The handle of an asynchronous request in the simulation: the answer, ready at once."""
+
+    value: object
+
+
+def _all_gather(reqs: list, meter: torch.Tensor, members: list[int]) -> list:
+    """Every member gets the group's tensors; member p's tensor is metered once per receiving member."""
+    for p, r in zip(members, reqs):
+        meter[p, members] += r.tensor.numel() * r.tensor.element_size()
     return [[r.tensor for r in reqs] for _ in reqs]
 
 
-def _all_to_all(reqs: list, meter: torch.Tensor) -> list:
-    """Rank q gets chunk q of every rank's tensor, in rank order; meter[p, q] += bytes of that chunk."""
-    P = len(reqs)
+def _all_to_all(reqs: list, meter: torch.Tensor, members: list[int]) -> list:
+    """Member q gets chunk q of every member's tensor, in group order; meter[p, q] += bytes of that chunk."""
+    G = len(reqs)
     chunks = []
-    for p, r in enumerate(reqs):
-        if len(r.send_splits) != P or sum(r.send_splits) != r.tensor.shape[0]:
+    for p, r in zip(members, reqs):
+        if len(r.send_splits) != G or sum(r.send_splits) != r.tensor.shape[0]:
             raise RuntimeError(f"rank {p}: send_splits {r.send_splits} do not cut {r.tensor.shape[0]} rows")
         chunks.append(r.tensor.split(r.send_splits))
         row = r.tensor[:1].numel() * r.tensor.element_size()
-        meter[p] += torch.tensor(r.send_splits) * row
+        meter[p, members] += torch.tensor(r.send_splits) * row
     out = []
-    for q, r in enumerate(reqs):
-        got = [chunks[p][q] for p in range(P)]
+    for j, (q, r) in enumerate(zip(members, reqs)):
+        got = [chunks[i][j] for i in range(G)]
         if [g.shape[0] for g in got] != list(r.recv_splits):
             raise RuntimeError(f"rank {q}: expects {r.recv_splits} rows, peers send {[g.shape[0] for g in got]}")
         out.append(torch.cat(got))  # [sum(recv_splits), ...]
     return out
+
+
+def _groups(reqs: list) -> list[list[int]]:
+    """The subgroups the P requests name (each request's `ranks`, None = all), checked to partition the ranks."""
+    P = len(reqs)
+
+    def group_of(r) -> tuple[int, ...]:
+        return tuple(range(P)) if getattr(r, "ranks", None) is None else tuple(r.ranks)
+
+    groups, seen = [], set()
+    for p, r in enumerate(reqs):
+        g = group_of(r)
+        if p not in g:
+            raise RuntimeError(f"rank {p} asks for a collective of group {g}, which does not contain it")
+        if g not in seen:
+            if any(set(g) & set(h) for h in groups):
+                raise RuntimeError(f"ranks diverged: overlapping groups {g} and {groups}")
+            seen.add(g)
+            groups.append(g)
+    for g in groups:
+        if any(q >= P or group_of(reqs[q]) != g for q in g):
+            raise RuntimeError(f"ranks diverged: members of group {g} name different groups")
+    return [list(g) for g in groups]
 
 
 def _simulate_step(reqs: list, meters: dict[str, torch.Tensor]) -> list:
@@ -84,9 +114,16 @@ def _simulate_step(reqs: list, meters: dict[str, torch.Tensor]) -> list:
     kinds = {type(r) for r in reqs}
     if len(kinds) != 1:
         raise RuntimeError(f"ranks diverged: requests {[type(r).__name__ for r in reqs]}")
+    if isinstance(reqs[0], Wait):
+        return [r.handle.value for r in reqs]
     P = len(reqs)
     meter = meters.setdefault(reqs[0].tag, torch.zeros(P, P, dtype=torch.long))  # [P, P]
-    return (_all_gather if isinstance(reqs[0], AllGather) else _all_to_all)(reqs, meter)
+    fn = _all_gather if isinstance(reqs[0], AllGather) else _all_to_all
+    answers: list = [None] * P
+    for members in _groups(reqs):
+        for q, a in zip(members, fn([reqs[q] for q in members], meter, members)):
+            answers[q] = _Done(a) if getattr(reqs[q], "async_op", False) else a
+    return answers
 
 
 def _run_lockstep(progs: list) -> tuple[list, dict[str, torch.Tensor]]:
@@ -124,12 +161,14 @@ def _check_sim_inputs(x, routing, w13, world_size) -> int:
 
 def simulate_ep(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor, world_size: int, *,
                 token_splits=None, strategy: str = "grouped", capacity: CapacityConfig | None = None,
-                scoring: str = "softmax", scheme: str = "grouped") -> EPSimResult:
+                scoring: str = "softmax", scheme: str = "grouped", ranks_per_node: int | None = None) -> EPSimResult:
     """Run the EP plan on P virtual ranks in this process.
 
     x [T_total, D] and routing [T_total, K] are the whole batch; rank p gets the p-th contiguous chunk of
     tokens (sizes token_splits, default near-even) and experts [p*El, (p+1)*El) of w13 [E, 2F, D],
     w2 [E, D, F]. The output equals moe_forward / reference_moe of the whole batch (same capacity).
+    scheme: "grouped", "naive", "hierarchical" (needs ranks_per_node: P = nodes * ranks_per_node) or
+    "overlap" (two micro-batches). The metered bytes sit at global rank pairs [P, P] whatever the scheme.
     """
     plan = get_scheme(scheme)
     E = _check_sim_inputs(x, routing, w13, world_size)
@@ -138,7 +177,7 @@ def simulate_ep(x: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.
     for p, (xp, rp) in enumerate(zip(x.split(splits), split_routing(routing, splits))):  # xp [T_p, D]
         w13p, w2p = shard_experts(w13, w2, world_size, p)  # [El, 2F, D], [El, D, F]
         progs.append(plan(xp, rp, w13p, w2p, num_experts=E, world_size=world_size, rank=p,
-                          strategy=strategy, capacity=capacity, scoring=scoring))
+                          strategy=strategy, capacity=capacity, scoring=scoring, ranks_per_node=ranks_per_node))
     done, meters = _run_lockstep(progs)
     ys, stats = zip(*done)
     return EPSimResult(output=torch.cat(ys), rank_stats=list(stats), traffic_bytes=meters)

@@ -17,7 +17,10 @@ __all__ = ["plot_batching_timeline", "plot_latency_throughput", "plot_imbalance_
 
 def plot_batching_timeline(sim, max_batches: int = 40, title: str | None = None) -> Figure:
     """A moe_ref.BatchingSimulation over time: requests arriving (ticks), batches (boxes, height = tokens,
-    green = flushed full, orange = flushed by max_wait), and each batch's expert-load imbalance (max/mean)."""
+    green = flushed full, orange = flushed by max_wait), and each batch's expert-load imbalance (max/mean).
+
+    Only the first `max_batches` batches are drawn; the title then says how many of how many.
+    """
     batches = sim.batches[:max_batches]
     t_end = batches[-1]["end"] if batches else 1.0
     fig = Figure(figsize=(11, 5), layout="constrained")
@@ -36,9 +39,10 @@ def plot_batching_timeline(sim, max_batches: int = 40, title: str | None = None)
     ax.set_ylabel("tokens in the batch")
     ax.legend(loc="upper right", fontsize=8, ncol=3)
     p = sim.params
-    ax.set_title(title or f"simulated serving: {p['arrival_rate']:g} req/s, max_batch_tokens={p['max_batch_tokens']}, "
-                          f"max_wait={p['max_wait'] * 1e3:g} ms; p50 latency {sim.p50_latency_s * 1e3:.2f} ms, "
-                          f"p99 {sim.p99_latency_s * 1e3:.2f} ms")
+    shown = "" if len(sim.batches) <= max_batches else f"\n(first {len(batches)} of {len(sim.batches)} batches shown)"
+    ax.set_title((title or f"simulated serving: {p['arrival_rate']:g} req/s, max_batch_tokens={p['max_batch_tokens']}, "
+                           f"max_wait={p['max_wait'] * 1e3:g} ms; p50 latency {sim.p50_latency_s * 1e3:.2f} ms, "
+                           f"p99 {sim.p99_latency_s * 1e3:.2f} ms") + shown)
     bx.bar([(b["start"] + b["end"]) / 2 * 1e3 for b in batches], [b["load_imbalance"] for b in batches],
            width=[max((b["end"] - b["start"]) * 1e3, 1e-3) for b in batches], color="tab:purple", alpha=0.7)
     bx.axhline(1.0, color="black", linestyle="--", linewidth=1)

@@ -53,14 +53,16 @@ def plot_traffic_matrix(traffic, unit: str = "rows", title: str | None = None) -
     return fig
 
 
-def _load(ax, rank_load, limit, title):
+def _load(ax, rank_load, limit, title, passes: int = 1):
     load = _as_list(rank_load)
     P = len(load)
     mean = sum(load) / P if P else 0.0
     ax.bar(range(P), load, color=["tab:red" if v == max(load) and v > mean else "tab:blue" for v in load])
     ax.axhline(mean, color="black", linestyle="--", linewidth=1, label="mean (even split)")
     if limit is not None:
-        ax.axhline(limit, color="tab:red", linewidth=1.5, label=f"El*C = {limit}")
+        ax.axhline(limit, color="tab:red", linewidth=1.5,
+                   label=f"capacity bound (E/P)·C = {limit}" if passes == 1 else
+                   f"capacity bound (E/P)·C·passes = {limit}")
     ax.set_xticks(range(P))
     ax.set_xlabel("rank")
     ax.set_ylabel("expert rows computed")
@@ -69,10 +71,13 @@ def _load(ax, rank_load, limit, title):
     ax.legend(fontsize=7, loc="upper right")
 
 
-def plot_rank_load(rank_load, limit: int | None = None, title: str | None = None) -> Figure:
-    """Bars of expert rows computed per rank [P] with the mean (and, under capacity, the bound El*C)."""
+def plot_rank_load(rank_load, limit: int | None = None, title: str | None = None, passes: int = 1) -> Figure:
+    """Bars of expert rows computed per rank [P] with the mean and, under capacity, the bound `limit`.
+
+    limit: at most (E/P)·C rows per rank per pass (each rank owns E/P experts of capacity C), times `passes`.
+    """
     fig = Figure(figsize=(4.8, 3.4), layout="constrained")
-    _load(fig.subplots(), rank_load, limit, title)
+    _load(fig.subplots(), rank_load, limit, title, passes)
     return fig
 
 
@@ -130,12 +135,15 @@ def plot_comm_volume(rows: Sequence[Mapping], x: str = "world_size", title: str 
 
 
 def plot_ep_overview(traffic_rows, rank_load, naive_bytes: int, grouped_bytes: int, limit: int | None = None,
-                     title: str | None = None) -> Figure:
-    """Three panels for one forward: traffic matrix (rows), per-rank load, and naive vs grouped link bytes."""
+                     title: str | None = None, passes: int = 1) -> Figure:
+    """Three panels for one forward: traffic matrix (rows), per-rank load, and naive vs grouped link bytes.
+
+    limit: the per-rank capacity bound (E/P)·C·passes, or None without capacity.
+    """
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     a, b, c = fig.subplots(1, 3)
     _traffic(a, traffic_rows, "rows", "dispatch rows p -> q")
-    _load(b, rank_load, limit, None)
+    _load(b, rank_load, limit, None, passes)
     c.bar(["naive", "grouped"], [naive_bytes / 2**10, grouped_bytes / 2**10], color=["tab:gray", "tab:blue"])
     ratio = grouped_bytes / naive_bytes if naive_bytes else float("nan")
     c.set_ylabel("KiB across links")

@@ -21,12 +21,13 @@ OVERHEAD_STAGES = ("group", "permute", "unpermute + combine")
 
 
 def plot_token_flow(topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan, title: str | None = None) -> Figure:
-    """The seed's permutation figure, drawn from an actual batch.
+    """The token-flow figure of the permutation workflow, drawn from an actual batch.
 
     Left column: input tokens x_t in batch order. Lines (coloured by expert) = permute: each token is
     copied once per chosen expert into the grouped buffer (middle), where each expert's rows form one
     contiguous block that a single GEMM pair processes. Right lines = unpermute + weighted combine:
-    y_t = sum_k w[t, k] * expert_out[row of (t, k)], line width ∝ the gate weight w[t, k].
+    y_t = sum_k w[t, k] * expert_out[row of (t, k)], line width ∝ the gate weight w[t, k]; for up to 12 tokens
+    the weights are also written right of each y_t, one line per choice k.
     topk_ids/topk_weights [T, K]; plan: the DispatchPlan of topk_ids.
     """
     ids, w = topk_ids.cpu(), topk_weights.detach().float().cpu()
@@ -36,8 +37,12 @@ def plot_token_flow(topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan, ti
     inverse = plan.inverse.cpu().tolist()  # [S]
     offsets = plan.offsets.cpu().tolist()
     H = max(T, N, 1)
-    fig = Figure(figsize=(10, min(2.2 + 0.32 * H, 14)), layout="constrained")
+    height = min(2.2 + 0.32 * H, 14)
+    fig = Figure(figsize=(11, height), layout="constrained")
     ax = fig.subplots()
+    per_unit = height * 72 * 0.85 / (H + 3.4)  # points per data unit of height (the axes span about 85 %)
+    line_pt = min(9.0, H / max(T, 1) * per_unit / max(K, 1))  # K weight labels share one token's height
+    font, dy = min(6.5, 0.75 * line_pt), line_pt / per_unit
 
     def y_tok(t):  # tokens spread over the height of the grouped column
         return (H - 1) - (t + 0.5) * H / max(T, 1) + 0.5
@@ -55,11 +60,9 @@ def plot_token_flow(topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan, ti
             ax.plot([xl + 0.6, xm - 0.7], [y_tok(t), y_row(i)], color=colors[e], linewidth=1.2, alpha=0.8)
             ax.plot([xm + 0.7, xr - 0.6], [y_row(i), y_tok(t)], color=colors[e],
                     linewidth=0.5 + 3.5 * float(w[t, k]), alpha=0.7)
-            if T <= 12:
-                a0, a1 = (xm + 0.7, y_row(i)), (xr - 0.6, y_tok(t))
-                f = 0.72
-                ax.text(a0[0] + f * (a1[0] - a0[0]), a0[1] + f * (a1[1] - a0[1]) + 0.15, f"w={float(w[t, k]):.2f}",
-                        fontsize=6.5, color=colors[e], ha="center")
+            if T <= 12:  # gate weights stacked right of y_t, one line per choice: they never overlap
+                ax.text(xr + 0.65, y_tok(t) + ((K - 1) / 2 - k) * dy, f"w{k}={float(w[t, k]):.2f} (expert {e})",
+                        fontsize=font, color=colors[e], ha="left", va="center")
     for t in range(T):
         for x0, name in ((xl, "x"), (xr, "y")):
             ax.add_patch(FancyBboxPatch((x0 - 0.55, y_tok(t) - 0.35), 1.1, 0.7, boxstyle="round,pad=0.02",
@@ -83,7 +86,7 @@ def plot_token_flow(topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan, ti
     ax.text(xr, H + 0.3, "output (weighted combine)", ha="center", fontsize=8, fontweight="bold")
     ax.text((xl + xm) / 2, -1.3, "route + group + permute (copy)", ha="center", fontsize=8)
     ax.text((xm + xr) / 2, -1.3, "unpermute + combine (line width = gate weight)", ha="center", fontsize=8)
-    ax.set_xlim(-1, 9.2)
+    ax.set_xlim(-1, 10.6)
     ax.set_ylim(-1.8, H + 1.6)
     ax.axis("off")
     ax.set_title(title or f"token flow of a real batch: T={T}, K={K}, E={E}, N={N} grouped rows")

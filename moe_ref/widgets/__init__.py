@@ -1,7 +1,8 @@
 """ipywidgets panels: sliders and dropdowns wired to the pure functions in moe_ref.plots.
 
 One submodule per notebook topic; every name in a submodule's __all__ is re-exported here.
-Each panel calls its plotting function once statically first, so headless runs show a chart.
+Each panel also displays its first chart as a plain PNG of the cell (`_panel.show_static`), so the HTML of an
+executed notebook shows a chart even where the widget JavaScript cannot load.
 """
 
 import importlib

@@ -15,7 +15,7 @@ def ep_figure(world_size: int = 4, tokens: int = 256, skew: float = 0.0, capacit
               overflow: str = "drop", experts: int = 8, top_k: int = 2, seed: int = 0, d_model: int = 64):
     """plot_ep_overview of one simulated forward (pure: arguments in, Figure out).
 
-    capacity_factor 0 means no capacity (dropless). With a capacity, the load panel shows the bound El*C.
+    capacity_factor 0 means no capacity (dropless). With a capacity, the load panel shows the bound (E/P)·C·passes.
     """
     from ..config import CapacityConfig
     from ..experiments import ep_inputs, ep_layer
@@ -31,6 +31,7 @@ def ep_figure(world_size: int = 4, tokens: int = 256, skew: float = 0.0, capacit
     limit = None if st.capacity is None else (experts // world_size) * st.capacity * st.passes
     note = "" if st.capacity is None else f", C={st.capacity}, dropped {st.dropped}, passes {st.passes}"
     return plot_ep_overview(g.traffic_rows, g.rank_load, n.link_bytes("tokens"), g.link_bytes("tokens"), limit,
+                            passes=st.passes,
                             title=f"P={world_size}, T={tokens}, E={experts}, K={min(top_k, experts)}, "
                                   f"skew={skew:g}{note}")
 
