@@ -50,7 +50,7 @@ from .strategy import get_strategy
 
 __all__ = ["AllToAll", "AllGather", "Wait", "PassResult", "EPRankStats", "check_world", "shard_bounds",
            "shard_experts", "dispatch_splits", "local_expert_ids", "flat_exchange", "local_compute", "rank_program",
-           "naive_rank_program", "SCHEMES", "get_scheme", "register_scheme"]
+           "check_inputs", "global_capacity", "SCHEMES", "get_scheme", "register_scheme"]
 
 
 # ----------------------------------------------------------------------------- collective requests
@@ -213,7 +213,7 @@ def _unpack_meta(meta: torch.Tensor, K: int, with_logits: bool) -> Routing:
                    logits=meta[:, 2 * K:].float() if with_logits else None)
 
 
-def _global_capacity(routing: Routing, E: int, P: int, rank: int, capacity: CapacityConfig | None,
+def global_capacity(routing: Routing, E: int, P: int, rank: int, capacity: CapacityConfig | None,
                      scoring: str):
     """All-gather every rank's routing and apply capacity to it in global token order (rank 0 first).
 
@@ -233,7 +233,7 @@ def _global_capacity(routing: Routing, E: int, P: int, rank: int, capacity: Capa
     return cap, offset, meta.numel() * meta.element_size() * (P - 1)
 
 
-def _check_inputs(x, routing, w13_local, w2_local, num_experts, world_size, rank, strategy, capacity):
+def check_inputs(x, routing, w13_local, w2_local, num_experts, world_size, rank, strategy, capacity):
     if not isinstance(world_size, int) or isinstance(world_size, bool):
         raise ValueError(f"world_size must be an int, got {world_size!r}")
     El = check_world(num_experts, world_size)
@@ -289,7 +289,7 @@ def rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_
     Input errors are raised before the first collective (on this rank only; the launcher's timeout and
     the peers' broken connections end the others).
     """
-    El, D, _ = _check_inputs(x, routing, w13_local, w2_local, num_experts, world_size, rank, strategy, capacity)
+    El, D, _ = check_inputs(x, routing, w13_local, w2_local, num_experts, world_size, rank, strategy, capacity)
     P, E = world_size, num_experts
     T = x.shape[0]
     dev = x.device
@@ -298,7 +298,7 @@ def rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_
 
     # 1. capacity: one globally consistent decision over all ranks' routings
     if capacity is not None and capacity.overflow != "dropless":
-        cap, offset, meta_bytes = yield from _global_capacity(routing, E, P, rank, capacity, scoring)
+        cap, offset, meta_bytes = yield from global_capacity(routing, E, P, rank, capacity, scoring)
         sl = slice(offset, offset + T)
         passes = [Routing(topk_ids=p.topk_ids[sl], topk_weights=p.topk_weights[sl]) for p in cap.passes]
         dropped_own = int(((routing.topk_ids >= 0) & (cap.final_ids[sl] < 0)).sum())
@@ -348,67 +348,19 @@ def local_compute(xr: torch.Tensor, recv_counts: torch.Tensor, w13_local: torch.
     return moe_forward(xr, r, w13_local, w2_local, strategy=strategy).output  # [M, D]
 
 
-def naive_rank_program(x: torch.Tensor, routing: Routing, w13_local: torch.Tensor, w2_local: torch.Tensor, *,
-                       num_experts: int, world_size: int, rank: int, strategy: str = "grouped",
-                       capacity: CapacityConfig | None = None, scoring: str = "softmax",
-                       ranks_per_node: int | None = None) -> Program:
-    """The naive expert-parallel forward, for comparison: send every token to every rank.
-
-    All-gather x and the routing (every rank gets all T_total tokens), each rank computes its own experts'
-    weighted contributions for every token (a partial output [T_total, D]), then each partial goes back to
-    the rank owning the tokens (a reduce-scatter done as one all_to_all) and is summed there in rank order.
-    Same answer as rank_program, but 2 * T_total * (P-1) rows cross the links whatever the routing.
-    Returns (y [T, D], EPRankStats) with send_rows/recv_rows counting the rows this scheme moves.
-    """
-    El, D, _ = _check_inputs(x, routing, w13_local, w2_local, num_experts, world_size, rank, strategy, capacity)
-    P, E, T = world_size, num_experts, x.shape[0]
-    xs = yield AllGather(x, "tokens")  # P x [T_p, D]
-    x_all = torch.cat(xs)  # [T_total, D]
-    cap, offset, meta_bytes = yield from _global_capacity(routing, E, P, rank, capacity or CapacityConfig(
-        overflow="dropless"), scoring)
-    lo = rank * El
-    part = None  # [T_total, D] this rank's experts' weighted contributions, all passes
-    load = 0
-    for r in cap.passes:
-        mine = (r.topk_ids >= lo) & (r.topk_ids < lo + El)  # [T_total, K] assignments to local experts
-        local = Routing(topk_ids=torch.where(mine, r.topk_ids - lo, -1),
-                        topk_weights=r.topk_weights.masked_fill(~mine, 0.0))
-        load += int(mine.sum())
-        if x_all.shape[0]:
-            yp = moe_forward(x_all, local, w13_local, w2_local, strategy=strategy).output
-            part = yp.to(combine_dtype(x.dtype)) if part is None else part + yp
-    if part is None:
-        part = x_all.new_zeros(x_all.shape, dtype=combine_dtype(x.dtype))
-    splits = [p.shape[0] for p in xs]  # tokens per rank
-    back = yield AllToAll(part, splits, [T] * P)  # [P*T, D]: every rank's partial of my tokens
-    y = back.view(P, T, D).sum(0)  # [T, D] summed in rank order: deterministic
-    tok = torch.tensor(splits)
-    send_rows = torch.full((P,), T, dtype=torch.long)
-    recv_rows = tok.clone()
-    allv = yield AllGather(torch.cat([send_rows, torch.tensor([load, T])]).to(x.device)[None])
-    allv = torch.cat(allv).cpu()
-    stats = EPRankStats(rank=rank, world_size=P, num_tokens=T, row_bytes=D * x.element_size(),
-                        send_rows=send_rows, recv_rows=recv_rows, local_expert_load=torch.tensor([load]),
-                        meta_bytes_sent=meta_bytes + (P + 2) * 8 * (P - 1), capacity=cap.capacity,
-                        passes=len(cap.passes), dropped=cap.dropped, dropped_tokens=cap.dropped_tokens,
-                        rerouted=cap.rerouted, traffic_rows=allv[:, :P], rank_load=allv[:, P],
-                        rank_tokens=allv[:, P + 1])
-    return y.to(x.dtype), stats
-
-
 # ----------------------------------------------------------------------------- schemes by name
-SCHEMES = {"grouped": rank_program, "naive": naive_rank_program}
+SCHEMES = {"grouped": rank_program}  # moe_ref.parallel registers "naive", "hierarchical", "overlap"
 
 
 def get_scheme(name: str):
-    """The plan generator of scheme `name` ("grouped" all_to_all, "naive" all-gather, or a registered one)."""
+    """The plan generator of scheme `name` ("grouped" all_to_all, or one registered: "naive" all-gather, ...)."""
     if name not in SCHEMES:
         raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {name!r}")
     return SCHEMES[name]
 
 
 def register_scheme(name: str, program) -> None:
-    """Add a plan generator under `name` (moe_ref.parallel registers "hierarchical" and "overlap")."""
+    """Add a plan generator under `name` (moe_ref.parallel registers "naive", "hierarchical" and "overlap")."""
     if not isinstance(name, str) or not name or not callable(program):
         raise TypeError("register_scheme needs a non-empty name and a callable plan generator")
     SCHEMES[name] = program

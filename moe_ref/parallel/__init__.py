@@ -17,6 +17,7 @@ from ..ep_plan import EPRankStats, shard_bounds, shard_experts
 from .cli import PRESETS, main  # noqa: E402  (after the schemes register themselves)
 from .hierarchical import check_layout, hierarchical_exchange, layout_groups
 from .launch import free_port, launch_torchrun, run_local_group
+from .naive import naive_rank_program
 from .overlap import micro_batch_splits, overlap_exchange
 from .simulate import EPSimResult, simulate_ep
 from .split import split_routing, split_tokens, unique_destinations
@@ -34,7 +35,7 @@ from .transport import EPOutput, ep_forward, run_with_torch_distributed
 
 __all__ = ["EPOutput", "EPSimResult", "EPRankStats", "ep_forward", "simulate_ep", "split_tokens",
            "shard_experts", "shard_bounds", "run_with_torch_distributed", "split_routing", "unique_destinations",
-           "run_local_group", "free_port", "launch_torchrun", "PRESETS", "main",
+           "run_local_group", "free_port", "launch_torchrun", "PRESETS", "main", "naive_rank_program",
            # past one node: layout, time model, hierarchical and overlapped schemes
            "Topology", "TOPOLOGY_PRESETS", "topology_preset", "link_classes", "inter_node_bytes", "all_to_all_time",
            "layer_comm_time", "staged_time", "check_layout", "layout_groups", "hierarchical_exchange",
