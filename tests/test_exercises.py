@@ -232,6 +232,219 @@ def combine_wrong(slot_out, ids):  # multiplies by a 0/1 mask: NaN * 0 = NaN
     return (slot_out.view(T, K, slot_out.shape[1]) * (ids >= 0)[..., None]).sum(1)
 
 
+# ------------------------------------------------------------------ 02b continuous batching
+
+
+def hit_ok(T, E, K):
+    return E * (1 - (1 - K / E) ** T)
+
+
+def hit_wrong(T, E, K):  # T*K distinct experts, capped at E: as if no two tokens ever shared an expert
+    return float(min(E, T * K))
+
+
+def schedule_ok(prompt_left, decoding, budget, chunk):
+    room, takes = budget - decoding, []
+    for p in prompt_left:
+        take = min(p, room, chunk or p)
+        if chunk is None and take < p:
+            return takes + [0] * (len(prompt_left) - len(takes))
+        takes.append(take)
+        room -= take
+    return takes
+
+
+def schedule_wrong(prompt_left, decoding, budget, chunk):  # forgets the decode tokens already in the step
+    return schedule_ok(prompt_left, 0, budget, chunk)
+
+
+def ttft_ok(arrivals, token_times):
+    ttft = torch.tensor([t[0] - a for a, t in zip(arrivals, token_times)], dtype=torch.float64)
+    gaps = sorted(b - a for t in token_times for a, b in zip(t, t[1:]))
+    return ttft, gaps[math.ceil(0.99 * len(gaps)) - 1] if gaps else 0.0
+
+
+def ttft_wrong(arrivals, token_times):  # the mean gap instead of the 99th percentile
+    ttft, _ = ttft_ok(arrivals, token_times)
+    gaps = [b - a for t in token_times for a, b in zip(t, t[1:])]
+    return ttft, sum(gaps) / len(gaps) if gaps else 0.0
+
+
+# ------------------------------------------------------------------ 06 expert parallelism
+
+
+def _per_rank_dest(ids, E, P, splits):
+    """[(rank, dest [T_p, K])] for each rank's own tokens: destination rank of each assignment, -1 dropped."""
+    El = E // P
+    return [(p, torch.where(part >= 0, part // El, -1)) for p, part in enumerate(ids.split(splits))]
+
+
+def traffic_ok(ids, E, P, splits):
+    out = torch.zeros(P, P, dtype=torch.long)
+    for p, dest in _per_rank_dest(ids, E, P, splits):
+        d = dest.reshape(-1)
+        out[p] = torch.bincount(d[d >= 0], minlength=P)
+    return out
+
+
+def traffic_wrong(ids, E, P, splits):  # sends by expert id modulo P (round-robin placement, not contiguous)
+    return traffic_ok(torch.where(ids >= 0, (ids % P) * (E // P), -1), E, P, splits)
+
+
+def unique_ok(ids, E, P, splits):
+    out = torch.zeros(P, P, dtype=torch.long)
+    for p, dest in _per_rank_dest(ids, E, P, splits):
+        hit = torch.zeros(dest.shape[0], P + 1, dtype=torch.long).scatter_(1, torch.where(dest >= 0, dest, P), 1)
+        out[p] = hit[:, :P].sum(0)
+    return out
+
+
+def unique_wrong(ids, E, P, splits):  # one row per assignment: no deduplication
+    return traffic_ok(ids, E, P, splits)
+
+
+def bytes_sent_ok(traffic, row_bytes):
+    off = traffic - torch.diag(traffic.diagonal())
+    return (off.sum(1) + off.sum(0)) * row_bytes
+
+
+def bytes_sent_wrong(traffic, row_bytes):  # counts the local copies as link bytes too
+    return (traffic.sum(1) + traffic.sum(0)) * row_bytes
+
+
+# ------------------------------------------------------------------ 06b past one node
+
+
+def inter_ok(traffic, N, L):
+    node = torch.arange(N * L) // L
+    return int(traffic[node[:, None] != node[None, :]].sum())
+
+
+def inter_wrong(traffic, N, L):  # every off-diagonal byte, as if each rank were its own node
+    return int(traffic.sum() - traffic.diagonal().sum())
+
+
+def node_topk_ok(scores, K, N, M):
+    T, E = scores.shape
+    En = E // N
+    node = scores.view(T, N, En).topk(min(2, En), dim=-1).values.sum(-1)  # [T, N]
+    keep = torch.zeros(T, N, dtype=torch.bool).scatter_(1, node.topk(M, dim=-1).indices, True)
+    ids = scores.masked_fill(~keep.repeat_interleave(En, dim=1), float("-inf")).topk(K, dim=-1).indices
+    return scores.gather(1, ids), ids
+
+
+def node_topk_wrong(scores, K, N, M):  # scores a node by its best expert only
+    T, E = scores.shape
+    En = E // N
+    node = scores.view(T, N, En).max(-1).values
+    keep = torch.zeros(T, N, dtype=torch.bool).scatter_(1, node.topk(M, dim=-1).indices, True)
+    ids = scores.masked_fill(~keep.repeat_interleave(En, dim=1), float("-inf")).topk(K, dim=-1).indices
+    return scores.gather(1, ids), ids
+
+
+def _replicate(loads, R, P, prefer_fresh):
+    ld = loads.double()
+    E = ld.numel()
+    copies = torch.ones(E, dtype=torch.long)
+    for _ in range(R):
+        copies[int(torch.argmax(ld / copies))] += 1
+    per_copy = ld / copies
+    items = sorted(((float(per_copy[e]), e) for e in range(E) for _ in range(int(copies[e]))),
+                   key=lambda it: (-it[0], it[1]))
+    Sl = (E + R) // P
+    load, held = [0.0] * P, [[] for _ in range(P)]
+    for w, e in items:
+        free = [r for r in range(P) if len(held[r]) < Sl]
+        pool = ([r for r in free if e not in held[r]] or free) if prefer_fresh else free
+        r = min(pool, key=lambda q: (load[q], q))
+        held[r].append(e)
+        load[r] += w
+    return copies, torch.tensor([e for r in range(P) for e in sorted(held[r])], dtype=torch.long)
+
+
+def replicate_ok(loads, R, P):
+    return _replicate(loads, R, P, prefer_fresh=True)
+
+
+def replicate_wrong(loads, R, P):  # may put two copies of one expert on the same rank
+    return _replicate(loads, R, P, prefer_fresh=False)
+
+
+# ------------------------------------------------------------------ 08 choosing a strategy
+
+
+def a2a_ok(traffic, topo):
+    P, L = traffic.shape[0], topo.ranks_per_node
+    node = torch.arange(P) // L
+    same = node[:, None] == node[None, :]
+    off = ~torch.eye(P, dtype=torch.bool)
+    t = 0.0
+    for mask, bps, lat in ((same & off, topo.intra_bps, topo.intra_latency_s),
+                           (~same, topo.inter_bps, topo.inter_latency_s)):
+        part = torch.where(mask, traffic.double(), 0.0)
+        for b in (part.sum(1), part.sum(0)):
+            t = max([t] + [lat + float(v) / bps for v in b if v > 0])
+    return t
+
+
+def a2a_wrong(traffic, topo):  # adds the two link classes instead of running them at the same time
+    P, L = traffic.shape[0], topo.ranks_per_node
+    node = torch.arange(P) // L
+    same = node[:, None] == node[None, :]
+    inside = torch.where(same, traffic.double(), 0.0).fill_diagonal_(0.0)
+    across = torch.where(~same, traffic.double(), 0.0)
+    only = lambda m, bps, lat: torch.where(m > 0, lat + m / bps, 0.0)
+    t = torch.zeros(P, dtype=torch.float64)
+    for b_in, b_out in ((inside.sum(1), across.sum(1)), (inside.sum(0), across.sum(0))):
+        t = torch.maximum(t, only(b_in, topo.intra_bps, topo.intra_latency_s)
+                          + only(b_out, topo.inter_bps, topo.inter_latency_s))
+    return float(t.max()) if P else 0.0
+
+
+def _expert_s(rows, hit, D, F):
+    if rows == 0:
+        return 0.0
+    return max((hit * 3 * D * F * 2 + rows * (2 * D + 2 * F) * 2) / 4.3e12, 6 * D * F * rows / 790e12)
+
+
+def layer_ok(traffic, rows, hit, topo, D, F):
+    row = 2 * D
+    compute = max(_expert_s(int(r), int(h), D, F) for r, h in zip(rows, hit))
+    return a2a_ok(traffic * row, topo) + compute + a2a_ok(traffic.t() * row, topo)
+
+
+def layer_wrong(traffic, rows, hit, topo, D, F):  # the combine forgotten
+    return a2a_ok(traffic * 2 * D, topo) + max(_expert_s(int(r), int(h), D, F) for r, h in zip(rows, hit))
+
+
+def _loads_of(ids, E, P):
+    El = E // P
+    base, extra = divmod(ids.shape[0], P)
+    splits = [base + (p < extra) for p in range(P)]
+    traffic = torch.zeros(P, P, dtype=torch.long)
+    per_expert = torch.zeros(E, dtype=torch.long)
+    for p, part in enumerate(ids.split(splits)):
+        f = part.reshape(-1)
+        f = f[f >= 0]
+        traffic[p] = torch.bincount(f // El, minlength=P)
+        per_expert += torch.bincount(f, minlength=E)
+    pe = per_expert.view(P, El)
+    return traffic, pe.sum(1), (pe > 0).sum(1)
+
+
+def ep_ok(ids, E, D, F, topologies):
+    times = {P: layer_ok(*_loads_of(ids, E, P), topo, D, F) for P, topo in topologies.items()}
+    return min(times, key=lambda P: (times[P], P))
+
+
+def ep_wrong(ids, E, D, F, topologies):  # prices the compute only: more ranks always look better
+    def compute(P):
+        _, rows, hit = _loads_of(ids, E, P)
+        return max(_expert_s(int(r), int(h), D, F) for r, h in zip(rows, hit))
+
+    return min(topologies, key=lambda P: (compute(P), P))
+
+
 SOLUTIONS = {
     "check_expert_counts": (counts_ok, counts_wrong),
     "check_dense_moe": (dense_ok, dense_wrong),
@@ -250,6 +463,18 @@ SOLUTIONS = {
     "check_padded_rows": (padded_ok, padded_wrong),
     "check_align_block_size": (align_ok, align_wrong),
     "check_combine": (combine_ok, combine_wrong),
+    "check_expected_hit": (hit_ok, hit_wrong),
+    "check_step_schedule": (schedule_ok, schedule_wrong),
+    "check_ttft_itl": (ttft_ok, ttft_wrong),
+    "check_traffic_matrix": (traffic_ok, traffic_wrong),
+    "check_unique_destinations": (unique_ok, unique_wrong),
+    "check_bytes_sent": (bytes_sent_ok, bytes_sent_wrong),
+    "check_inter_node_bytes": (inter_ok, inter_wrong),
+    "check_node_limited_topk": (node_topk_ok, node_topk_wrong),
+    "check_replicate_experts": (replicate_ok, replicate_wrong),
+    "check_all_to_all_time": (a2a_ok, a2a_wrong),
+    "check_layer_time": (layer_ok, layer_wrong),
+    "check_ep_degree": (ep_ok, ep_wrong),
 }
 CHECKS = sorted(n for n in ex.__all__ if n.startswith("check_"))
 

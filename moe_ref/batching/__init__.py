@@ -5,7 +5,7 @@ Legend: T tokens in a batch, L_i tokens of request i, D d_model, E experts, K to
 Why: an MoE layer's experts each see only the tokens routed to them. One small request gives
 each expert a handful of rows (poor GEMMs, uneven load); gathering many requests into one
 forward gives every expert more rows and, statistically, a more even share, but nothing
-guarantees it: a batch can still be skewed (the seed's point, measured by the simulator).
+guarantees it: a batch can still be skewed (measured by the simulator).
 
 flush.py:     FlushRule, the one rule for when a batch is dispatched and which requests it takes;
 batcher.py:   DynamicBatcher, the live asyncio batcher that follows it;
