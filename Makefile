@@ -35,7 +35,7 @@ browser-deps:
 check: setup
 	$(BIN)/ruff check moe_ref kernels tests
 	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 MOE_REF_HYPOTHESIS_EXAMPLES=8 $(BIN)/pytest -q -m "not slow" -n 2 \
-	  -p no:cacheprovider tests
+	  -p no:cacheprovider -p no:nbmake tests
 
 ## make test: lint, the unit tests (incl. the real-browser notebook test), every notebook under nbmake.
 ## It changes nothing on the system: the browser comes from `make browser-deps` (what .ci/run calls first).

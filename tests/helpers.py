@@ -44,3 +44,31 @@ def cpu_sweep(shape, providers, tokens, **kw):
     limits = timing.measure_limits("cpu", torch.float32, timer, copy_bytes=1 << 16, matmul_sizes=(32,))
     return sweep.run_sweep([shape], list(tokens), providers, device="cpu", dtype=torch.float32, timer=timer,
                            limits=limits, progress=False, **kw)
+
+
+class _Node(dict):
+    """A dict read with attributes, as nbformat's NotebookNode (nb.cells[0].source)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _node(v):
+    if isinstance(v, dict):
+        return _Node({k: _node(x) for k, x in v.items()})
+    return [_node(x) for x in v] if isinstance(v, list) else v
+
+
+def read_notebook(path):
+    """A notebook (v4) as nested attribute dicts, sources joined into strings, without importing nbformat.
+
+    nbformat pulls in jsonschema (seconds of import per process): the fast tier reads notebooks with this,
+    and leaves the schema check (nbformat.validate) to the slow tier.
+    """
+    import json
+    from pathlib import Path
+
+    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+    for c in nb["cells"]:
+        if isinstance(c.get("source"), list):
+            c["source"] = "".join(c["source"])
+    return _node(nb)

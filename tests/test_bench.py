@@ -192,6 +192,7 @@ def test_device_sweep_bookkeeping_on_cpu():
     assert [q["tokens"] for q in res["ratios"]] == [1, 5]
 
 
+@pytest.mark.slow  # the sweep under the Triton interpreter
 def test_device_sweep_skips_are_recorded():
     res = _sweep(["grouped", "loop"], tokens=(1, 2, 64), cap_ms=1e-9)
     # two measured points are needed for an estimate: T=1 and T=2 run, T=64 is skipped by the cap
@@ -203,6 +204,7 @@ def test_device_sweep_skips_are_recorded():
     assert res["rows"][0]["status"] == "skipped" and "time limit" in res["skipped"][0]["reason"]
 
 
+@pytest.mark.slow  # the sweep under the Triton interpreter
 def test_device_sweep_records_provider_errors(monkeypatch):
     real = sweep.make_providers
 
@@ -352,6 +354,7 @@ def test_load_device_results_finds_runs_in_subfolders_and_ignores_cpu_runs(tmp_p
     assert results.load_device_results(None) == []
 
 
+@pytest.mark.slow  # the sweep under the Triton interpreter
 def test_without_matplotlib_the_sweep_still_writes_its_json(tmp_path, monkeypatch, capsys):
     """A bare GPU machine may lack matplotlib: the measured JSON must survive, the charts are redrawn elsewhere."""
     monkeypatch.setattr(cli, "have_matplotlib", lambda: False)
@@ -366,6 +369,7 @@ def test_without_matplotlib_the_sweep_still_writes_its_json(tmp_path, monkeypatc
     assert "need matplotlib" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the sweep under the Triton interpreter
 def test_tuned_tables_are_loaded_and_recorded(tmp_path, monkeypatch):
     """--tuned FILE registers the tables before the sweep and the result says which files were used."""
     from moe_ref.kernels.configs import TUNED_CONFIGS, TUNED_KIND

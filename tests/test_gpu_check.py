@@ -35,6 +35,7 @@ def _sweep(providers, tokens=(1, 2), **kw):
     return cpu_sweep(TINY, providers, tokens, **kw)
 
 
+@pytest.mark.slow  # the sweep under the Triton interpreter
 def test_big_shapes_are_cross_checked_even_past_the_time_limit():
     res = _sweep(["grouped", "loop", "triton"], time_limit_s=0.0, crosscheck_elements=16383)
     by = {(r["tokens"], r["provider"]): r for r in res["rows"]}

@@ -16,9 +16,9 @@ import ast
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
 
+from helpers import read_notebook
 from moe_ref import exercises
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -37,17 +37,24 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_clean(path):
-    nb = nbformat.read(path, as_version=4)
-    nbformat.validate(nb)
+    nb = read_notebook(path)
     dirty = [(i, len(c.outputs), c.execution_count) for i, c in enumerate(nb.cells)
              if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     assert not dirty, (f"{path.name}: cells (index, outputs, execution_count) {dirty} carry outputs; strip them "
                        f"with `jupyter nbconvert --clear-output --inplace {path}`")
 
 
+@pytest.mark.slow  # nbformat imports jsonschema: seconds per process
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_valid_nbformat(path):
+    import nbformat
+
+    nbformat.validate(nbformat.read(path, as_version=4))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_has_smoke_parameters_cell(path):
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     tagged = [c for c in _code(nb) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: expected one code cell tagged 'parameters', found {len(tagged)}"
     assert "MOE_REF_SMOKE" in tagged[0].source, f"{path.name}: the parameters cell does not read MOE_REF_SMOKE"
@@ -55,7 +62,7 @@ def test_notebook_has_smoke_parameters_cell(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_thin_checked_and_interactive(path):
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     src = "\n".join(c.source for c in _code(nb))
     assert nb.cells and nb.cells[0].cell_type == "markdown", f"{path.name}: must open with what the reader learns"
     assert "import moe_ref" in src or "from moe_ref" in src, f"{path.name} does not use moe_ref"
@@ -65,7 +72,7 @@ def test_notebook_is_thin_checked_and_interactive(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_ends_with_further_reading(path):
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     last = nb.cells[-1]
     assert last.cell_type == "markdown" and last.source.startswith("## Further reading"), \
         f"{path.name}: the last cell must be the '## Further reading' list"
@@ -80,7 +87,7 @@ def test_notebook_ends_with_further_reading(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_has_checked_exercises_with_stubs(path):
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     heads = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## Exercises")]
     assert len(heads) == 1, f"{path.name}: expected one '## Exercises' section"
     code = [c.source for c in nb.cells[heads[0]:] if c.cell_type == "code"]
@@ -96,7 +103,7 @@ def test_notebook_has_checked_exercises_with_stubs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_speaks_of_the_project_alone(path):
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     text = "\n".join(c.source for c in nb.cells)
     for bad in (r"\bseed coverage\b", r"\bthe seed\b", r"\bseed's\b", r"seed/", r"\bissue #?\d+", r"DESIGN\.md"):
         assert not re.search(bad, text, flags=re.I), f"{path.name} mentions {bad!r}: speak of this project alone"

@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
 
+from helpers import read_notebook
 from moe_ref import widgets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_show_static_is_silent_outside_a_kernel(capsys):
 @pytest.mark.parametrize("path", sorted(NB_DIR.glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_panels_are_known_panels(path):
     """Every panel a notebook calls is one of moe_ref.widgets' panels, so the kernel test below covers it."""
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     called = {m for c in nb.cells if c.cell_type == "code" for m in PANEL_CALL.findall(c.source)}
     unknown = sorted(called - set(PANELS))
     assert not unknown, f"{path.name} calls panels that moe_ref.widgets does not export: {unknown}"
@@ -89,6 +89,8 @@ def test_notebook_panels_are_known_panels(path):
 
 @pytest.mark.slow
 def test_every_panel_leaves_a_png_in_an_executed_notebook(tmp_path):
+    import nbformat
+
     cells = [nbformat.v4.new_code_cell("%matplotlib inline\nfrom moe_ref import widgets")]
     cells += [nbformat.v4.new_code_cell(f"widgets.{name}()") for name in BARE]
     nb = _execute(nbformat.v4.new_notebook(cells=cells), tmp_path)
@@ -103,6 +105,8 @@ def test_every_panel_leaves_a_png_in_an_executed_notebook(tmp_path):
 
 @pytest.mark.slow
 def test_an_executed_notebook_has_a_png_for_its_panel():
+    import nbformat
+
     path = NB_DIR / "04_permutation.ipynb"
     nb = _execute(nbformat.read(path, as_version=4), NB_DIR)
     assert any(PANEL_CALL.search(c.source) for c in nb.cells if c.cell_type == "code")
