@@ -13,6 +13,9 @@ __all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "p
            "plot_tuning"]
 
 
+YMAX = 3.0  # ratio to the bound above which a CPU chart clips (and says what it clipped)
+
+
 def plot_bench_cpu(result: dict) -> Figure:
     """Time / the GEMM-only bound against T, one panel per (shape, dtype), one line per provider.
 
@@ -22,8 +25,11 @@ def plot_bench_cpu(result: dict) -> Figure:
     """
     rows = [r for r in result["rows"] if r.get("status", "ok") == "ok"]
     panels = sorted({(r["shape"], r["dtype"]) for r in rows})
-    fig = Figure(figsize=(5.2 * len(panels), 3.9), layout="constrained")
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    cols = min(len(panels), 2) or 1
+    fig = Figure(figsize=(6.0 * cols, 4.0 * -(-len(panels) // cols)), layout="constrained")
+    axes = list(fig.subplots(-(-len(panels) // cols), cols, squeeze=False).ravel())
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (sh, dt) in zip(axes, panels):
         sel = [r for r in rows if (r["shape"], r["dtype"]) == (sh, dt)]
         bound = {r["tokens"]: r["seconds"] for r in sel if r["provider"] == "gemm_only"}
@@ -42,6 +48,13 @@ def plot_bench_cpu(result: dict) -> Figure:
                 untrusted = True
                 ax.scatter(*zip(*bad), s=120, facecolors="none", edgecolors="red", lw=1.5, zorder=5)
         ax.axhline(1.10, color="#888888", ls=":", lw=1)
+        top = YMAX if max(r["ratio_to_bound"] for r in sel) > YMAX else None
+        if top:  # keep the interesting range readable: name what lies above it
+            off = sorted({r["provider"] for r in sel if r["ratio_to_bound"] > YMAX})
+            worst = max(r["ratio_to_bound"] for r in sel)
+            ax.set_ylim(0.5, top)
+            ax.text(0.02, 0.97, f"off scale: {', '.join(off)} (up to {worst:.0f}x)", transform=ax.transAxes,
+                    va="top", fontsize=7, color="#555555")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens T")
         ax.set_ylabel("time / GEMM-only bound")
