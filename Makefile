@@ -6,6 +6,10 @@ STAMP   := $(VENV)/.moe_ref-setup
 # The CPU build of torch lies on the dev machines' disk; install it first so that no
 # dependency pulls a multi-GB CUDA build. Override on other machines: make TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
+# make test runs the suite on this many pytest-xdist workers, one torch thread each (OMP_NUM_THREADS=1 also
+# reaches the notebook kernels and the torchrun children): two workers of two threads on two cores spin
+# against each other
+TEST_WORKERS ?= 2
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
 .PHONY: setup check test tour lab bench gpu-check clean browser-deps
@@ -41,7 +45,8 @@ check: setup
 ## It changes nothing on the system: the browser comes from `make browser-deps` (what .ci/run calls first).
 test: setup
 	$(BIN)/ruff check moe_ref kernels tests
-	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
+	OMP_NUM_THREADS=1 MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q -n $(TEST_WORKERS) -p no:cacheprovider \
+	  --durations=15 tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
 
 ## make tour: execute every notebook headless (full size) and write HTML under build/tour/.
 tour: setup
