@@ -72,3 +72,11 @@ def read_notebook(path):
         if isinstance(c.get("source"), list):
             c["source"] = "".join(c["source"])
     return _node(nb)
+
+
+def examples(n: int) -> int:
+    """A test's own hypothesis example count, capped by MOE_REF_HYPOTHESIS_EXAMPLES when that is set (make check)."""
+    import os
+
+    cap = os.environ.get("MOE_REF_HYPOTHESIS_EXAMPLES")
+    return min(n, int(cap)) if cap else n

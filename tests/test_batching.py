@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_ref
-from helpers import assert_close, make_case
+from helpers import assert_close, examples, make_case
 from moe_ref.batching import DynamicBatcher, FlushRule, simulate_dynamic_batching
 
 pytestmark = pytest.mark.timeout(60)
@@ -283,7 +283,7 @@ def test_batcher_and_simulator_share_the_rule(layer):
     assert b.rule == FlushRule(8, 0.25) and (b.max_batch_tokens, b.max_wait) == (8, 0.25)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(rate=st.sampled_from([20.0, 500.0, 5000.0]), max_tokens=st.sampled_from([1, 8, 64, 512]),
        max_wait=st.sampled_from([0.0, 0.001, 0.02]), seed=st.integers(0, 1000))
 def test_simulator_dispatches_each_batch_at_the_rules_first_yes(rate, max_tokens, max_wait, seed):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_ref
-from helpers import assert_close, hand_routing, make_case
+from helpers import assert_close, examples, hand_routing, make_case
 from moe_ref.capacity import apply_capacity, expert_capacity, priority_order, priority_rank
 from moe_ref.skew import skewed_routing
 
@@ -196,7 +196,7 @@ def skewed_case(T, E, K, skew, seed, D=8, F=6):
     return layer, x, skewed_routing(x, layer.router_weight, K, skew)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(case=cap_cases())
 def test_capacity_invariants(case):
     T, E, K, skew, cf, min_cap, policy, seed = case
@@ -246,7 +246,7 @@ def run(layer, x, strategy, **kw):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(case=cap_cases())
 def test_outputs_under_capacity_match_reference(strategy, case):
     T, E, K, skew, cf, min_cap, policy, seed = case

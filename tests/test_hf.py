@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_ref
-from helpers import assert_close
+from helpers import assert_close, examples
 
 if os.environ.get("CI", "").lower() in ("1", "true"):
     import transformers  # noqa: F401  (CI installs the hf extra: a missing transformers is a failure)
@@ -110,7 +110,7 @@ def test_from_hf_equals_block(arch, dtype):
                 assert out.stats.routed == x.shape[0] * x.shape[1] * 2
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(E=st.integers(1, 8), k=st.integers(1, 8), T=st.sampled_from([0, 1, 2, 33, 222]),
        arch=st.sampled_from(["mixtral", "olmoe", "qwen2_moe"]), norm=st.booleans(), seed=st.integers(0, 2**16))
 def test_from_hf_random_blocks(E, k, T, arch, norm, seed):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import moe_ref
 import moe_ref.kernels as mk
-from helpers import assert_close, hand_routing, make_case
+from helpers import assert_close, examples, hand_routing, make_case
 from moe_ref.kernels.configs import split_config
 
 pytestmark = pytest.mark.skipif(not mk.interpreter_active(),
@@ -93,9 +93,11 @@ ALIGN_CASES = [  # T, K, E, block_m, drop
 
 
 ALIGN_METHODS = ["chunked", "one_program"]
+# the fast tier (make check) runs one dtype / one method of the heavier families under the interpreter
+FAST_DTYPES = [DTYPES[0], pytest.param(DTYPES[1], marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("method", ALIGN_METHODS)
+@pytest.mark.parametrize("method", [ALIGN_METHODS[0], pytest.param(ALIGN_METHODS[1], marks=pytest.mark.slow)])
 @pytest.mark.parametrize("T,K,E,bm,drop", ALIGN_CASES)
 def test_align_matches_torch_and_grouping(T, K, E, bm, drop, method):
     ids = random_ids(T, K, E, seed=T + E, drop=drop).to(DEV)
@@ -119,7 +121,7 @@ def test_align_all_dropped_and_one_hot_expert(method):
 
 
 @given(T=st.integers(0, 40), E=st.integers(1, 9), data=st.data())
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 def test_align_random(T, E, data):
     K = data.draw(st.integers(1, E))
     bm = data.draw(st.sampled_from([16, 32]))
@@ -219,7 +221,7 @@ def test_each_kernel_matches_its_torch_reference(dtype):
 
 # ------------------------------------------------------------------------ split-K second GEMM
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
 @pytest.mark.parametrize("F,split", [(100, 3), pytest.param(100, 8, marks=pytest.mark.slow),
                                      pytest.param(22, 4, marks=pytest.mark.slow),
                                      pytest.param(48, 3, marks=pytest.mark.slow),
@@ -294,7 +296,7 @@ def reference(layer, x, r):
     return moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
 @pytest.mark.parametrize("case", sorted(FUSED_CASES))
 def test_fused_moe_matches_reference(case, dtype):
     T, D, F, E, K = FUSED_CASES[case]
@@ -336,7 +338,7 @@ def test_fused_moe_dropped_ids_and_T0():
 
 @given(T=st.sampled_from([1, 2, 7, 19]), D=st.sampled_from([16, 33]), F=st.sampled_from([8, 22]),
        E=st.integers(1, 5), data=st.data())
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 def test_fused_moe_random(T, D, F, E, data):
     K = data.draw(st.integers(1, E))
     layer, x = make_case(T, D, F, E, K, dtype=torch.float32, seed=data.draw(st.integers(0, 999)),
@@ -416,7 +418,7 @@ def test_layer_strategy_triton(dtype):
     assert out.stats.padded_slots == out.stats.computed_rows - kept
 
 
-@pytest.mark.parametrize("overflow", ["drop", "spill"])
+@pytest.mark.parametrize("overflow", ["drop", pytest.param("spill", marks=pytest.mark.slow)])
 def test_layer_strategy_triton_with_capacity(overflow):
     layer, x = make_case(24, 16, 16, 4, 2, dtype=torch.float32, seed=1)
     cap = moe_ref.CapacityConfig(capacity_factor=0.5, overflow=overflow)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_ref
-from helpers import TOL, make_case
+from helpers import TOL, examples, make_case
 from moe_ref.parallel import (
     Topology,
     all_to_all_time,
@@ -94,7 +94,7 @@ def test_layout_groups():
         layout_groups(4, 3)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(layout=st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4), (8, 1)]),
        T=st.sampled_from([0, 1, 7, 33]), K=st.integers(1, 8), skew=st.sampled_from([0.0, 2.0]),
        seed=st.integers(0, 30), uneven=st.booleans())
@@ -181,7 +181,7 @@ def test_timeline_overlap_hides_compute():
 
 
 # ----------------------------------------------------------------------------- node-limited routing
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(N=st.sampled_from([1, 2, 4, 8]), En=st.sampled_from([1, 2, 3]), K=st.integers(1, 8), M=st.integers(1, 8),
        T=st.sampled_from([0, 1, 9, 40]), seed=st.integers(0, 100), scoring=st.sampled_from(["softmax", "sigmoid"]))
 def test_node_limited_routing_spans_at_most_m_nodes(N, En, K, M, T, seed, scoring):
@@ -371,6 +371,7 @@ def test_advise_ranks_options_with_reasons():
         Workload("x", 0, True)
 
 
+@pytest.mark.slow  # draws every multi-node chart and panel
 def test_multinode_plots_and_panels():
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure

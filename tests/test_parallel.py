@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_ref
-from helpers import TOL, make_case
+from helpers import TOL, examples, make_case
 from moe_ref.ep_plan import AllGather, get_scheme
 from moe_ref.parallel import (
     ep_forward,
@@ -178,7 +178,7 @@ def test_stuck_rank_times_out_and_is_killed():
 
 
 # ----------------------------------------------------------------------------- simulation only
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(P=st.sampled_from([1, 2, 4, 8]), T=st.sampled_from([0, 1, 7, 33]), K=st.integers(1, 8),
        skew=st.sampled_from([0.0, 1.0, 4.0]), seed=st.integers(0, 50), uneven=st.booleans())
 def test_simulation_matches_reference(P, T, K, skew, seed, uneven):

@@ -16,7 +16,8 @@ def _drawn(fig):
     return fig.canvas.get_renderer()
 
 
-@pytest.mark.parametrize("tokens, experts, top_k", [(6, 4, 2), (12, 8, 4), (12, 3, 3), (1, 1, 1)])
+@pytest.mark.parametrize("tokens, experts, top_k", [(6, 4, 2)] + [pytest.param(*c, marks=pytest.mark.slow)
+                                                      for c in [(12, 8, 4), (12, 3, 3), (1, 1, 1)]])
 def test_token_flow_weight_labels_do_not_overlap(tokens, experts, top_k):
     fig = token_flow_figure(tokens=tokens, experts=experts, top_k=top_k, skew=1.0)
     renderer = _drawn(fig)

@@ -187,11 +187,11 @@ def test_plot_capacity_sweep_series_and_overflow_comparison():
 # ---------------------------------------------------------------- panels
 
 
-SLOW = pytest.mark.slow  # the fast tier re-renders two panels; make test all of them
+SLOW = pytest.mark.slow  # the fast tier re-renders one panel; make test all of them
 PANELS = [
     (lambda: widgets.naive_panel(), "tokens", 70),
     pytest.param(lambda: widgets.batching_panel(num_requests=20), "max_batch_tokens", 64, marks=SLOW),
-    (lambda: widgets.grouping_panel(), "tokens", 9),
+    pytest.param(lambda: widgets.grouping_panel(), "tokens", 9, marks=SLOW),
     pytest.param(lambda: widgets.token_flow_panel(), "seed", 3, marks=SLOW),
     pytest.param(lambda: widgets.capacity_panel(tokens=64), "capacity_factor", 0.5, marks=SLOW),
     pytest.param(lambda: widgets.ep_panel(tokens=64), "world_size", 2, marks=SLOW),

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_ref.kernels as mk
+from helpers import examples
 from moe_ref.bench import Shape, tune
 from moe_ref.bench import main as bench_main
 from moe_ref.bench.timing import Timer
@@ -231,7 +232,7 @@ def test_a_table_cut_short_at_decode_never_lends_its_tile_to_prefill(clean_table
     assert mk.get_config(24, 8, 2, 4096, 14336, "bfloat16", "Cut GPU") == dict(decode, BLOCK_N=64)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(counts=st.sets(st.integers(1, 1 << 15), min_size=1, max_size=6), T=st.integers(0, 1 << 16))
 def test_a_tuned_entry_serves_only_token_counts_within_2x(counts, T):
     """Random tables: an entry tuned at t is used only for t/2 <= T <= 2t, and whenever one is, the one used is
