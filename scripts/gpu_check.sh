@@ -4,7 +4,8 @@
 #
 # Phases (budgets in seconds; a phase that ends early leaves its time to the later ones):
 #   1. env    <= 90   detect CUDA, record the machine (env.txt), pip install --no-build-isolation --no-deps -e .
-#   2. tests  <= 150  pytest -m gpu (-n 4 under pytest-xdist when it imports), -v -rA --durations=20, junit xml;
+#   2. tests  <= 150  pytest -m gpu (-n 4 under pytest-xdist when it imports; GPU_CHECK_TEST_WORKERS, the dry run 0),
+#                     -v -rA --durations=20, junit xml;
 #                     stopped with SIGINT at its limit (KILL after a grace period) so the junit file is written
 #   3. sweep          one process per shape on the default tile configs (no --tuned), each writing its own JSON
 #                     after every token count: mixtral 65 s, qwen3 55 s (every provider), then deepseek 55 s and
@@ -209,7 +210,11 @@ fi
 if [ "$TESTS_S" -gt 0 ]; then
     PYTEST_OPTS=(-m gpu -v -rA --durations=20 -p no:cacheprovider --continue-on-collection-errors
         -o junit_family=xunit2 --junitxml="$SCR/pytest-gpu.xml")
-    if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_OPTS+=(-n 4); else stamp "no pytest-xdist: tests run in one process"; fi
+    # the dry run's GPU tests all skip: four workers would only import torch four times on a CI machine's cores
+    WORKERS=${GPU_CHECK_TEST_WORKERS:-$([ "$DRY" = 1 ] && echo 0 || echo 4)}
+    if [ "$WORKERS" = 0 ]; then stamp "tests run in one process (GPU_CHECK_TEST_WORKERS=0)"
+    elif "$PY" -c "import xdist" 2>/dev/null; then PYTEST_OPTS+=(-n "$WORKERS")
+    else stamp "no pytest-xdist: tests run in one process"; fi
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS+=(--timeout=120) # per test, when the plugin is there
     # only the files with GPU tests: the others import dev tools (hypothesis, nbformat, ...) a bare machine may lack
     mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/test_*.py)
