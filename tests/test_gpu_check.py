@@ -188,9 +188,7 @@ def _archive(out: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_dry_run_walks_every_phase_with_at_most_8_files(tmp_path):
     stop, seen = threading.Event(), []
-    # the dry plan with short budgets: every phase still runs (the tune phase needs >= 40 s)
-    p, out, log = _start(tmp_path, GPU_CHECK_SWEEP="cpu-small:30:loop grouped triton;cpu:15:grouped grouped_mm",
-                         GPU_CHECK_TUNE_S="50")
+    p, out, log = _start(tmp_path)  # the script's own dry plan (shorter sweep budgets time out under CI load)
     watcher = threading.Thread(target=_watch, args=(out, stop, seen))
     watcher.start()
     try:
