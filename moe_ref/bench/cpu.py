@@ -79,14 +79,13 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     shapes = [shapes] if isinstance(shapes, Shape) else list(shapes)
     jobs = [(sh, dt, T) for sh in shapes for dt in dtypes for T in token_counts]
     bar = progress(len(jobs), progress_bar, desc="bench cpu")
-    rows, layers = [], {}
+    rows, layer, layer_key = [], None, None
     for sh, dt_name, T in jobs:
         dtype = DTYPES[dt_name]
-        key = (sh.name, dt_name)
-        if key not in layers:
+        if (sh.name, dt_name) != layer_key:  # one layer alive at a time, rebuilt per (shape, dtype)
+            layer = None
             cfg = MoEConfig(sh.d_model, sh.d_ff, sh.num_experts, sh.top_k)
-            layers = {key: MoELayer(cfg, dtype=dtype, seed=0)}  # one layer alive at a time
-        layer = layers[key]
+            layer, layer_key = MoELayer(cfg, dtype=dtype, seed=0), (sh.name, dt_name)
         x = torch.randn(T, sh.d_model, generator=torch.Generator().manual_seed(T)).to(dtype)  # [T, D]
         with torch.inference_mode():
             r = layer.route(x)
