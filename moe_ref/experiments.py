@@ -13,12 +13,12 @@ from torch.utils import benchmark
 
 from .batching import simulate_dynamic_batching
 from .config import CapacityConfig, MoEConfig
-from .grouped import gate_weights, grouped_ffn, grouped_steps
+from .grouped import grouped_ffn, grouped_steps
 from .grouping import GROUPING_METHODS, group_by_expert
 from .layer import MoELayer
 from .metrics import drop_share, load_imbalance, relative_error
 from .parallel import simulate_ep, unique_destinations
-from .permute import combine_rows, permute
+from .permute import permute, unpermute
 from .skew import random_routing
 from .stats import expert_counts
 
@@ -79,8 +79,8 @@ def sort_times(tokens, experts: int, top_k: int, skew: float = 0.0, reps: int = 
 def stage_times(layer, x, reps: int = 5, warn: bool = True) -> dict:
     """Seconds per call (median) of each stage of the grouped pipeline (moe_ref.grouped) on x [T, D], in order.
 
-    "permute" gathers the token rows and their gate weights; the expert FFNs scale their output rows by those
-    weights as they write them, so "unpermute + combine" is a plain sum of each token's K rows.
+    "permute" gathers the token rows; "unpermute + combine" gathers each token's K output rows back and sums
+    them weighted by the gate weights, in one fused op.
     The stages are timed by the CPU harness (bench.timing.time_cpu: interleaved rounds, threads pinned);
     with `warn`, a stage whose spread says the machine is busy is named in a printed warning.
     """
@@ -89,14 +89,13 @@ def stage_times(layer, x, reps: int = 5, warn: bool = True) -> dict:
     E, w13, w2 = layer.cfg.num_experts, layer.w13, layer.w2
     with torch.inference_mode():
         r = layer.route(x)
-        s = grouped_steps(x, r, w13, w2)  # plan, xs [N, D], ws [N, 1], ys [N, D], y [T, D]
-        ys = grouped_ffn(s.xs, s.plan, w13, w2, s.ws)  # [N(+1), D]: the buffer the combine reads
+        s = grouped_steps(x, r, w13, w2)  # plan, xs [N, D], ys [N, D], y [T, D]
         timed = time_cpu({
             "route": lambda: layer.route(x),
             "group": lambda: group_by_expert(r.topk_ids, E),
-            "permute": lambda: (permute(x, s.plan), gate_weights(r, s.plan, x.dtype)),
-            "expert FFNs (contiguous blocks)": lambda: grouped_ffn(s.xs, s.plan, w13, w2, s.ws),
-            "unpermute + combine": lambda: combine_rows(ys, s.plan),
+            "permute": lambda: permute(x, s.plan),
+            "expert FFNs (contiguous blocks)": lambda: grouped_ffn(s.xs, s.plan, w13, w2),
+            "unpermute + combine": lambda: unpermute(s.ys, s.plan, r.topk_weights),
         }, rounds=reps)
     if warn:
         warn_if_busy(distrust(timed), f"stage_times, T={x.shape[0]}")

@@ -1,7 +1,8 @@
 """Grouped strategies: route -> group by expert -> permute -> contiguous per-expert GEMMs -> unpermute.
 
 Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
-"grouped":    one GEMM pair per non-empty expert on its contiguous block (Python loop over experts).
+"grouped":    one GEMM pair per non-empty expert on its contiguous block (Python loop over experts),
+              then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
               `expert_blocks` is the one per-expert loop both use.
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .grouping import DispatchPlan, group_by_expert
-from .permute import combine_rows, permute
+from .permute import permute, unpermute
 from .reference import check_weights, swiglu
 from .router import Routing, validate_routing
 from .strategy import StrategyResult, register_strategy
@@ -29,9 +30,8 @@ class GroupedSteps(NamedTuple):
 
     plan: DispatchPlan  # counts [E], offsets [E+1], row order
     xs: torch.Tensor  # [N, D] token rows grouped by expert
-    ws: torch.Tensor  # [N, 1] gate weight of each grouped row, in x's dtype
-    ys: torch.Tensor  # [N, D] each row through its expert's FFN, times its gate weight
-    y: torch.Tensor  # [T, D] each token's K rows of ys summed (combine_rows)
+    ys: torch.Tensor  # [N, D] each row through its expert's FFN
+    y: torch.Tensor  # [T, D] each token's K rows of ys, weighted by its gate weights and summed (unpermute)
 
 
 def expert_blocks(plan: DispatchPlan) -> Iterator[tuple[int, slice]]:
@@ -42,26 +42,21 @@ def expert_blocks(plan: DispatchPlan) -> Iterator[tuple[int, slice]]:
             yield e, slice(bounds[e], bounds[e + 1])
 
 
-def expert_ffn_into(xe: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor, out: torch.Tensor,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
-    """out [n, D] = expert_ffn(xe [n, D]) (* scale [n, 1]), with no copy beyond the [n, 2F] and [n, F] GEMM inputs.
+def expert_ffn_into(xe: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [n, D] = expert_ffn(xe [n, D]), with no copy beyond the [n, 2F] and [n, F] GEMM inputs.
 
-    The down GEMM writes straight into `out` (a row block of the caller's buffer), SwiGLU multiplies in
-    place into silu(gate), and the gate weight scales the output rows in place: the same bits as
-    expert_ffn(xe, w13_e, w2_e) * scale. Under autograd (an input requiring grad, grad mode on), where
-    out= and in-place steps are not allowed, it computes the same out of place and copies it into `out`.
+    The down GEMM writes straight into `out` (a row block of the caller's buffer; it may be xe itself, which
+    is read in full before out is written) and SwiGLU multiplies in place into silu(gate): the same bits as
+    expert_ffn(xe, w13_e, w2_e). Under autograd (an input requiring grad, grad mode on), where out= and
+    in-place steps are not allowed, it computes the same out of place and copies it into `out`.
     """
     F = w2_e.shape[1]
-    if needs_grad(xe, w13_e, w2_e, scale):
-        y = swiglu(xe @ w13_e.t()) @ w2_e.t()  # [n, D]
-        return out.copy_(y if scale is None else y * scale)
+    if needs_grad(xe, w13_e, w2_e):
+        return out.copy_(swiglu(xe @ w13_e.t()) @ w2_e.t())
     h = torch.mm(xe, w13_e.t())  # [n, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [n, F]
     a.mul_(h[:, F:])
-    torch.mm(a, w2_e.t(), out=out)  # [n, D]
-    if scale is not None:
-        out.mul_(scale)
-    return out
+    return torch.mm(a, w2_e.t(), out=out)  # [n, D]
 
 
 def needs_grad(*ts: torch.Tensor | None) -> bool:
@@ -69,60 +64,42 @@ def needs_grad(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def gate_weights(r: Routing, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
-    """[N, 1] the gate weight of each grouped row (topk_weights in grouped order), in `dtype`."""
-    return r.topk_weights.reshape(-1).index_select(0, plan.sorted_slots).to(dtype).unsqueeze(1)
-
-
-def row_buffer(plan: DispatchPlan, like: torch.Tensor, width: int) -> torch.Tensor:
-    """An [N, width] output buffer, with one extra zero row N when the plan drops slots (combine_rows reads it)."""
-    N = plan.num_rows
-    dropped = N < plan.num_tokens * plan.top_k
-    buf = like.new_empty(N + dropped, width)
-    if dropped:
-        buf[N].zero_()
-    return buf
-
-
 def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: torch.Tensor,
-                ws: torch.Tensor | None = None) -> torch.Tensor:
-    """ys [N(+1), D]: each expert's FFN on its contiguous block of xs [N, D], rows scaled by ws [N, 1] if given.
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """ys [N, D]: each expert's FFN on its contiguous block of xs [N, D], one GEMM pair per expert.
 
-    One GEMM pair per expert, written in place into one buffer (row_buffer: a zero row N when slots are dropped).
+    Written in place into `out` (default: a new [N, D] buffer); out=xs overwrites each block with its output.
     """
-    ys = row_buffer(plan, xs, w2.shape[1])  # [N(+1), D]
+    ys = xs.new_empty(plan.num_rows, w2.shape[1]) if out is None else out  # [N, D]
     for e, rows in expert_blocks(plan):
-        expert_ffn_into(xs[rows], w13[e], w2[e], ys[rows], None if ws is None else ws[rows])
+        expert_ffn_into(xs[rows], w13[e], w2[e], ys[rows])
     return ys
-
-
-def _steps(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor, method: str) -> GroupedSteps:
-    plan = group_by_expert(r.topk_ids, w13.shape[0], method=method)
-    xs = permute(x, plan)  # [N, D]
-    ws = gate_weights(r, plan, x.dtype)  # [N, 1]
-    ys = grouped_ffn(xs, plan, w13, w2, ws)  # [N(+1), D], gate weights folded in
-    return GroupedSteps(plan, xs, ws, ys[: plan.num_rows], combine_rows(ys, plan))
 
 
 def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor,
                   method: str = "argsort") -> GroupedSteps:
     """The "grouped" strategy on x2d [T, D] step by step: group (by `method`), permute, expert FFNs, combine.
 
-    Returns GroupedSteps(plan, xs [N, D], ws [N, 1], ys [N, D], y [T, D]); y is bit for bit the strategy's
-    output. Each expert's output rows are scaled by their gate weights as they are written (the weight
-    folded into the down projection), so the combine is a plain sum of each token's K rows.
+    Returns GroupedSteps(plan, xs [N, D], ys [N, D], y [T, D]); y is bit for bit the strategy's output (which
+    runs the same steps but writes ys over xs, one [N, D] buffer instead of two).
     Routing ids may be -1 (dropped): those assignments are skipped and contribute zero.
     """
     E, _, _ = check_weights(x2d, w13, w2)
     validate_routing(routing, x2d.shape[0], E, allow_dropped=True)
-    return _steps(x2d, routing, w13, w2, method)
+    plan = group_by_expert(routing.topk_ids, E, method=method)
+    xs = permute(x2d, plan)  # [N, D]
+    ys = grouped_ffn(xs, plan, w13, w2)  # [N, D]
+    return GroupedSteps(plan, xs, ys, unpermute(ys, plan, routing.topk_weights))
 
 
 @register_strategy("grouped")
 def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor,
                 capacity: int | None = None) -> StrategyResult:
-    s = _steps(x, r, w13, w2, "argsort")
-    return StrategyResult(s.y, computed_rows=s.plan.num_rows)
+    plan = group_by_expert(r.topk_ids, w13.shape[0])
+    xs = permute(x, plan)  # [N, D]
+    # outside autograd each expert's output overwrites its own input block: one [N, D] buffer, not two
+    ys = grouped_ffn(xs, plan, w13, w2, out=None if needs_grad(x, w13, w2) else xs)  # [N, D]
+    return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
 
 
 def grouped_mm_fn():
@@ -174,16 +151,11 @@ def grouped_mm_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Ten
         xs = Fn.pad(xs, (0, Dp - D))  # [N, Dp]
     offs = plan.offsets[1:].to(torch.int32)  # [E] end row of each expert's group
     h = gmm(xs, w13p.transpose(1, 2), offs=offs)  # [N, 2Fp]: gate | up
-    ws = gate_weights(r, plan, x.dtype)  # [N, 1]
-    if needs_grad(x, w13, w2, ws):  # autograd: the same steps out of place
-        ys = gmm(swiglu(h), w2p.transpose(1, 2), offs=offs) * ws  # [N, Dp]
+    if needs_grad(x, w13, w2):  # autograd: the same steps out of place
+        ys = gmm(swiglu(h), w2p.transpose(1, 2), offs=offs)  # [N, Dp]
     else:
         a = Fn.silu(h[:, :Fp])  # [N, Fp], SwiGLU in place
         a.mul_(h[:, Fp:])
         ys = gmm(a, w2p.transpose(1, 2), offs=offs)  # [N, Dp]
-        ys.mul_(ws)  # the gate weight folded into the output rows
-    if Dp != D or plan.num_rows < plan.num_tokens * plan.top_k:  # a zero row N for dropped slots
-        out = row_buffer(plan, ys, D)
-        out[: plan.num_rows] = ys[:, :D]
-        ys = out
-    return StrategyResult(combine_rows(ys, plan), computed_rows=plan.num_rows)
+    y = unpermute(ys, plan, r.topk_weights)  # [T, Dp]
+    return StrategyResult(y if Dp == D else y[:, :D].contiguous(), computed_rows=plan.num_rows)

@@ -1,16 +1,16 @@
 """Permutation: gather token rows into expert-grouped order, and back with a weighted combine.
 
 Legend: T tokens, D d_model, K top-k, N grouped rows (kept assignments).
-The combine is gather-and-reduce over the K slots of each token (no atomics, no scatter-add),
-so the same input always gives bitwise the same output. Two forms:
-  unpermute(ys, plan, topk_weights): weights each row as it sums them (float32 accumulation);
-  combine_rows(ys, plan):            rows already scaled by their gate weights (the grouped strategies
-                                     fold the weight into the down projection), summed in one reduction.
+The combine is gather-and-reduce over the K slots of each token (no atomics, no scatter-add), so the same
+input always gives bitwise the same output. It is one fused op, torch's embedding_bag in "sum" mode with
+per-sample weights: each token is a bag of its kept grouped rows, weighted by its gate weights and summed in
+float32 (float64 stays float64), with no [T, K, D] temporary. A dropped slot is simply not in its token's bag.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as Fn
 
 from .grouping import DispatchPlan
 
@@ -28,34 +28,19 @@ def combine_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def unpermute(ys: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor) -> torch.Tensor:
-    """ys [N, D] in grouped order -> y [T, D] = sum_k w[t, k] * ys[inverse[t*K + k]] (dropped: 0)."""
-    T, K = plan.num_tokens, plan.top_k
-    if ys.dim() != 2 or ys.shape[0] != plan.num_rows:
-        raise ValueError(f"ys must be [N, D] with N={plan.num_rows}, got {tuple(ys.shape)}")
-    if tuple(topk_weights.shape) != (T, K):
-        raise ValueError(f"topk_weights must be [T, K] = [{T}, {K}], got {tuple(topk_weights.shape)}")
-    acc = combine_dtype(ys.dtype)
-    D = ys.shape[1]
-    padded = torch.cat([ys, ys.new_zeros(1, D)])  # [N+1, D], row N is the zero row for dropped slots
-    idx = torch.where(plan.inverse >= 0, plan.inverse, plan.num_rows)  # [S]
-    slots = padded.index_select(0, idx).view(T, K, D).to(acc)  # [T, K, D]
-    y = (slots * topk_weights.to(acc).unsqueeze(-1)).sum(1)  # [T, D]
-    return y.to(ys.dtype)
+    """ys [N, D] in grouped order -> y [T, D] = sum_k w[t, k] * ys[inverse[t*K + k]] over kept slots (dropped: 0).
 
-
-def combine_rows(ys: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """ys [N, D] (or [N+1, D] with a zero row N) of rows already scaled by their gate weights -> y [T, D].
-
-    y[t] = sum_k ys[inverse[t*K + k]]; a dropped slot reads row N, so ys must carry that zero row whenever
-    the plan drops slots. One gather [T, K, D] in ys's dtype and one sum over K (torch accumulates a
-    reduced-precision sum in float32), with no float32 [T, K, D] temporary.
+    The weights are cast to ys's dtype (embedding_bag's rule); the products are summed in float32 at least.
     """
     T, K, N = plan.num_tokens, plan.top_k, plan.num_rows
-    dropped = N < T * K
-    if ys.dim() != 2 or ys.shape[0] != N + dropped:
-        raise ValueError(f"ys must be [{N + dropped}, D] (N={N} rows{' + a zero row' if dropped else ''}), "
-                         f"got {tuple(ys.shape)}")
-    D = ys.shape[1]
-    idx = torch.where(plan.inverse >= 0, plan.inverse, N) if dropped else plan.inverse  # [S]
-    slots = ys.index_select(0, idx)  # [T*K, D]
-    return slots if K == 1 else slots.view(T, K, D).sum(1)
+    if ys.dim() != 2 or ys.shape[0] != N:
+        raise ValueError(f"ys must be [N, D] with N={N}, got {tuple(ys.shape)}")
+    if tuple(topk_weights.shape) != (T, K):
+        raise ValueError(f"topk_weights must be [T, K] = [{T}, {K}], got {tuple(topk_weights.shape)}")
+    w = topk_weights.to(ys.dtype)  # [T, K]
+    if N == T * K:  # nothing dropped: T bags of exactly K rows
+        return Fn.embedding_bag(plan.inverse.view(T, K), ys, mode="sum", per_sample_weights=w)
+    kept = plan.inverse >= 0  # [S]
+    offsets = torch.zeros(T, dtype=torch.long, device=ys.device)  # [T] start of each token's bag
+    torch.cumsum(kept.view(T, K).sum(1)[:-1], 0, out=offsets[1:])
+    return Fn.embedding_bag(plan.inverse[kept], ys, offsets, mode="sum", per_sample_weights=w.reshape(-1)[kept])

@@ -257,7 +257,8 @@ def test_node_limited_row_saves_inter_node_bytes_with_hierarchical_dispatch():
     assert row["inter_hier_limited"] < row["inter_hier_full"] and row["saving_hier"] > 0
     assert row["rel_error"] > 0 and 0 < row["tokens_rerouted"] <= 1
     same = node_limited_row(x, layer, 2, 2, 2)
-    assert same["rel_error"] == 0.0 and same["saving_flat"] == 0.0 and same["saving_hier"] == 0.0
+    # the same routing: only float32 rounding differs (the hierarchical combine adds per-node partial sums)
+    assert same["rel_error"] < 1e-6 and same["saving_flat"] == 0.0 and same["saving_hier"] == 0.0
     assert node_span(moe_ref.Routing(topk_ids=torch.tensor([[0, 7], [1, -1]]), topk_weights=torch.ones(2, 2)),
                      8, 2).tolist() == [2, 1]
 

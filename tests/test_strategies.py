@@ -138,9 +138,8 @@ def test_grouped_steps_intermediates_and_output(cfg, method, drop):
     assert [(b.start, b.stop) for _, b in blocks] == [(int(s.plan.offsets[e]), int(s.plan.offsets[e + 1]))
                                                       for e, _ in blocks]
     for e, rows in blocks:  # each block went through its own expert
-        w = r.topk_weights.reshape(-1)[s.plan.sorted_slots[rows]].to(x.dtype).unsqueeze(1)  # [n, 1]
-        assert torch.equal(s.ws[rows], w)
-        assert torch.equal(s.ys[rows], moe_ref.expert_ffn(s.xs[rows], layer.w13[e], layer.w2[e]) * w)
+        assert torch.equal(s.ys[rows], moe_ref.expert_ffn(s.xs[rows], layer.w13[e], layer.w2[e]))
+    assert torch.equal(s.y, moe_ref.unpermute(s.ys, s.plan, r.topk_weights))  # then the weighted combine
     assert_close(s.y, moe_ref.reference_moe(x, r, layer.w13, layer.w2))
     strategy = moe_ref.strategy.get_strategy("grouped")  # the registered function (ids -1 allowed)
     assert torch.equal(s.y, strategy(x, r, layer.w13, layer.w2).y)  # the strategy is these steps, bit for bit
@@ -177,21 +176,38 @@ def test_grouped_steps_bad_input():
         grouped_steps(x, r, layer.w13, layer.w2, method="bubble")
 
 
-def test_combine_rows_sums_weighted_rows_and_reads_the_zero_row_for_drops():
-    from moe_ref.grouped import row_buffer
-    from moe_ref.permute import combine_rows
+def test_unpermute_weights_and_sums_each_tokens_kept_rows():
+    from moe_ref.permute import unpermute
 
     ids = torch.tensor([[0, 1], [1, -1], [-1, -1]])  # token 2 dropped entirely
     plan = moe_ref.group_by_expert(ids, 2)
-    ys = row_buffer(plan, torch.empty(0, 3), 3)  # [N + 1, 3]: a zero row for the dropped slots
-    assert ys.shape == (4, 3) and torch.equal(ys[3], torch.zeros(3))
-    ys[:3] = torch.arange(9.0).view(3, 3)  # grouped rows: (t0, e0), (t0, e1), (t1, e1)
-    y = combine_rows(ys, plan)
-    assert torch.equal(y, torch.stack([ys[0] + ys[1], ys[2], torch.zeros(3)]))
-    with pytest.raises(ValueError, match=r"ys must be \[4, D\] \(N=3 rows \+ a zero row\)"):
-        combine_rows(ys[:3], plan)  # no zero row although the plan drops slots
+    ys = torch.arange(9.0).view(3, 3)  # grouped rows: (t0, e0), (t0, e1), (t1, e1)
+    w = torch.tensor([[0.5, 2.0], [3.0, 7.0], [11.0, 13.0]])
+    y = unpermute(ys, plan, w)
+    assert torch.equal(y, torch.stack([0.5 * ys[0] + 2.0 * ys[1], 3.0 * ys[2], torch.zeros(3)]))
+    with pytest.raises(ValueError, match=r"ys must be \[N, D\] with N=3"):
+        unpermute(torch.zeros(4, 3), plan, w)
+    with pytest.raises(ValueError, match=r"topk_weights must be \[T, K\] = \[3, 2\]"):
+        unpermute(ys, plan, w[:2])
     full = moe_ref.group_by_expert(torch.tensor([[1], [0]]), 2)  # K = 1, nothing dropped
-    assert torch.equal(combine_rows(torch.tensor([[5.0], [7.0]]), full), torch.tensor([[7.0], [5.0]]))
+    assert torch.equal(unpermute(torch.tensor([[5.0], [7.0]]), full, torch.ones(2, 1)), torch.tensor([[7.0], [5.0]]))
+    none = moe_ref.group_by_expert(torch.full((2, 2), -1), 3)  # every slot dropped: N = 0
+    assert torch.equal(unpermute(torch.zeros(0, 3), none, torch.ones(2, 2)), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unpermute_accumulates_in_float32(dtype):
+    """K rows summed in float32 and rounded once: what a float32 sum of the same products gives."""
+    g = torch.Generator().manual_seed(0)
+    T, K, D = 64, 8, 16
+    ids = torch.randint(0, 4, (T, K), generator=g)
+    plan = moe_ref.group_by_expert(ids, 4)
+    ys = (torch.randn(T * K, D, generator=g) * 100).to(dtype)
+    w = torch.rand(T, K, generator=g).to(dtype)
+    want = (ys.float()[plan.inverse].view(T, K, D) * w.float()[..., None]).sum(1)  # [T, D]
+    got = moe_ref.unpermute(ys, plan, w)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=0)  # one rounding, not K
 
 
 @pytest.mark.parametrize("strategy", ["grouped", "grouped_mm"])
