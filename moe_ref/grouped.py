@@ -4,7 +4,7 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 "grouped":    one GEMM pair per non-empty expert on its contiguous block (Python loop over experts),
               then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
-              `expert_blocks` is the one per-expert loop both use.
+              `ffn_blocks` is the one per-expert loop both use; `expert_blocks` names its blocks.
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -42,21 +42,36 @@ def expert_blocks(plan: DispatchPlan) -> Iterator[tuple[int, slice]]:
             yield e, slice(bounds[e], bounds[e + 1])
 
 
-def expert_ffn_into(xe: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [n, D] = expert_ffn(xe [n, D]), with no copy beyond the [n, 2F] and [n, F] GEMM inputs.
+def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [n, D] = expert_ffn(xe [n, D]) for one expert, given its weights transposed (views, no copies):
+    w13t_e [D, 2F] = w13[e].t(), w2t_e [F, D] = w2[e].t().
 
-    The down GEMM writes straight into `out` (a row block of the caller's buffer; it may be xe itself, which
-    is read in full before out is written) and SwiGLU multiplies in place into silu(gate): the same bits as
-    expert_ffn(xe, w13_e, w2_e). Under autograd (an input requiring grad, grad mode on), where out= and
-    in-place steps are not allowed, it computes the same out of place and copies it into `out`.
+    No copy beyond the [n, 2F] and [n, F] GEMM outputs: the down GEMM writes straight into `out` (a row block of
+    the caller's buffer; it may be xe itself, read in full before out is written), SwiGLU multiplies in place
+    into silu(gate). The same bits as expert_ffn(xe, w13[e], w2[e]). Under autograd (an input requiring grad,
+    grad mode on), where out= and in-place steps are not allowed, it computes the same out of place and copies
+    it into `out`.
     """
-    F = w2_e.shape[1]
-    if needs_grad(xe, w13_e, w2_e):
-        return out.copy_(swiglu(xe @ w13_e.t()) @ w2_e.t())
-    h = torch.mm(xe, w13_e.t())  # [n, 2F]: gate | up
+    if needs_grad(xe, w13t_e, w2t_e):
+        return out.copy_(swiglu(xe @ w13t_e) @ w2t_e)
+    F = w2t_e.shape[0]
+    h = torch.mm(xe, w13t_e)  # [n, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [n, F]
     a.mul_(h[:, F:])
-    return torch.mm(a, w2_e.t(), out=out)  # [n, D]
+    return torch.mm(a, w2t_e, out=out)  # [n, D]
+
+
+def ffn_blocks(x_blocks, w13: torch.Tensor, w2: torch.Tensor, out_blocks) -> None:
+    """out_blocks[e] = expert_ffn(x_blocks[e]) through expert e, for every e whose block has rows.
+
+    x_blocks, out_blocks: E row blocks [n_e, D] each (e.g. xs.split(counts)). The one per-expert loop of the
+    grouped strategy (and of the benchmark's GEMM-only bound): one GEMM pair per expert with work, and per
+    expert only the five calls of expert_ffn_into (the weight views come from one unbind each).
+    """
+    for xe, w13t_e, w2t_e, ye in zip(x_blocks, w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0),
+                                     out_blocks, strict=True):
+        if xe.shape[0]:
+            expert_ffn_into(xe, w13t_e, w2t_e, ye)
 
 
 def needs_grad(*ts: torch.Tensor | None) -> bool:
@@ -66,13 +81,17 @@ def needs_grad(*ts: torch.Tensor | None) -> bool:
 
 def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """ys [N, D]: each expert's FFN on its contiguous block of xs [N, D], one GEMM pair per expert.
+    """ys [N, D]: each expert's FFN on its contiguous block of xs [N, D] (the blocks expert_blocks names).
 
     Written in place into `out` (default: a new [N, D] buffer); out=xs overwrites each block with its output.
     """
     ys = xs.new_empty(plan.num_rows, w2.shape[1]) if out is None else out  # [N, D]
-    for e, rows in expert_blocks(plan):
-        expert_ffn_into(xs[rows], w13[e], w2[e], ys[rows])
+    counts = plan.counts.tolist()  # [E]
+    if needs_grad(xs, w13, w2):  # autograd forbids writing into split()'s views: each block sliced as it is written
+        bounds = plan.offsets.tolist()
+        ffn_blocks(xs.split(counts), w13, w2, (ys[a:b] for a, b in zip(bounds, bounds[1:])))
+    else:
+        ffn_blocks(xs.split(counts), w13, w2, ys.split(counts))
     return ys
 
 

@@ -149,15 +149,15 @@ def test_grouped_strategy_runs_the_one_expert_loop(monkeypatch):
     layer, x = make_case(40, 16, 8, 6, 2, seed=1)
     r = hand_routing(torch.stack([torch.zeros(40, dtype=torch.long), torch.full((40,), 3)], 1))  # experts 0, 3
     seen = []
+    real = grouped.expert_ffn_into
 
-    def spy(plan):
-        for e, rows in expert_blocks(plan):
-            seen.append(e)
-            yield e, rows
+    def spy(xe, w13t_e, w2t_e, out):
+        seen.append((xe.shape[0], next(e for e in range(6) if w13t_e.data_ptr() == layer.w13[e].data_ptr())))
+        return real(xe, w13t_e, w2t_e, out)
 
-    monkeypatch.setattr(grouped, "expert_blocks", spy)
+    monkeypatch.setattr(grouped, "expert_ffn_into", spy)
     y = layer(x, strategy="grouped", routing=r).output
-    assert seen == [0, 3]
+    assert seen == [(40, 0), (40, 3)]  # one call per expert with rows, each on its whole block; none for the rest
     assert_close(y, moe_ref.reference_moe(x, r, layer.w13, layer.w2))
 
 

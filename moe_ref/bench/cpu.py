@@ -1,7 +1,7 @@
 """The CPU benchmark: our strategies and transformers' experts implementations side by side, against the bound.
 
 Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
-The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very expert_ffn_into the grouped strategy
+The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very ffn_blocks loop the grouped strategy
 uses) on rows already grouped by expert, with the routing's own expert loads: no routing, permutation,
 gate weights or combine. Every strategy must spend at least that.
 Providers, all on the same weights and the same routing:
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..config import MoEConfig
-from ..grouped import expert_ffn_into
+from ..grouped import ffn_blocks
 from ..layer import MoELayer
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
@@ -37,11 +37,11 @@ BOUND = "gemm_only"
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
     """A callable doing just the per-expert GEMMs (+SwiGLU, written in place) on pre-grouped rows: the bound."""
     D = x.shape[1]
-    blocks = [(e, x.new_empty(n, D).normal_(), x.new_empty(n, D)) for e, n in enumerate(counts) if n]
+    xbs = [x.new_empty(n, D).normal_() for n in counts]  # [n_e, D] per expert
+    outs = [x.new_empty(n, D) for n in counts]
 
     def run():
-        for e, xb, out in blocks:  # xb [n_e, D] -> out [n_e, D]
-            expert_ffn_into(xb, w13[e], w2[e], out)
+        ffn_blocks(xbs, w13, w2, outs)
 
     return run
 
