@@ -67,19 +67,23 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got "
                          f"[{int(flat.min())}, {int(flat.max())}]")
     dev = flat.device
+    S = flat.numel()
     valid = flat >= 0  # [S]
-    counts = torch.bincount(flat[valid], minlength=num_experts)  # [E]
+    dropping = S > 0 and not bool(valid.all())
+    counts = torch.bincount(flat[valid] if dropping else flat, minlength=num_experts)  # [E]
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)  # [E+1]
-    S = flat.numel()
+    N = int(offsets[-1])
+    slots = torch.arange(S, device=dev)  # [S]
     if method == "argsort":
-        # dropped slots get key E so they sort past every real expert, then are cut off
-        key = torch.where(valid, flat, torch.full_like(flat, num_experts))
-        order = torch.sort(key, stable=True).indices  # [S]
-        sorted_slots = order[: int(offsets[-1])]  # [N]
+        # dropped slots get key E so they sort past every real expert, then are cut off; the keys are sorted
+        # in the narrowest integer type that holds E (a stable sort of int16 keys is ~3x faster than of int64)
+        key_dtype = torch.int16 if num_experts < 2**15 else torch.int64
+        key = (torch.where(valid, flat, num_experts) if dropping else flat).to(key_dtype)
+        sorted_slots = torch.sort(key, stable=True).indices[:N]  # [N]
+        block_start = torch.repeat_interleave(offsets[:-1], counts, output_size=N)  # [N] first row of its expert
         rank = torch.full((S,), -1, dtype=torch.long, device=dev)
-        pos = torch.arange(sorted_slots.numel(), device=dev)
-        rank[sorted_slots] = pos - offsets[flat[sorted_slots]]
+        rank.scatter_(0, sorted_slots, slots[:N] - block_start)
     else:
         # rank of each slot within its expert = how many earlier slots chose the same expert
         onehot = torch.zeros(S, num_experts, dtype=torch.long, device=dev)  # [S, E]
@@ -87,10 +91,10 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         rank_all = onehot.cumsum(0) - onehot  # [S, E] exclusive running count per expert
         rank = torch.where(valid, rank_all.gather(1, flat.clamp(min=0)[:, None]).squeeze(1), -1)  # [S]
         dest = offsets[flat.clamp(min=0)] + rank  # [S] grouped row of each slot
-        sorted_slots = torch.empty(int(offsets[-1]), dtype=torch.long, device=dev)
-        sorted_slots[dest[valid]] = torch.arange(S, device=dev)[valid]  # scatter
+        sorted_slots = torch.empty(N, dtype=torch.long, device=dev)
+        sorted_slots[dest[valid]] = slots[valid]  # scatter
     inverse = torch.full((S,), -1, dtype=torch.long, device=dev)
-    inverse[sorted_slots] = torch.arange(sorted_slots.numel(), device=dev)
+    inverse.scatter_(0, sorted_slots, slots[:N])
     return DispatchPlan(counts=counts, offsets=offsets, sorted_slots=sorted_slots,
                         token_ids=sorted_slots // max(K, 1), inverse=inverse, rank=rank,
                         num_tokens=T, top_k=K)
