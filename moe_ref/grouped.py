@@ -4,7 +4,7 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 "grouped":    one GEMM pair per non-empty expert on its contiguous block (Python loop over experts),
               then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
-              `ffn_blocks` is the one per-expert loop both use; `expert_blocks` names its blocks.
+              `ffn_blocks` is the one per-expert loop both use, on the blocks `expert_blocks` names.
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -61,17 +61,22 @@ def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor,
     return torch.mm(a, w2t_e, out=out)  # [n, D]
 
 
-def ffn_blocks(x_blocks, w13: torch.Tensor, w2: torch.Tensor, out_blocks) -> None:
-    """out_blocks[e] = expert_ffn(x_blocks[e]) through expert e, for every e whose block has rows.
+def ffn_blocks(blocks, w13: torch.Tensor, w2: torch.Tensor, num_blocks: int) -> None:
+    """out_e = expert_ffn(x_e) through expert e for each (e, x_e [n_e, D], out_e [n_e, D]) in `blocks`.
 
-    x_blocks, out_blocks: E row blocks [n_e, D] each (e.g. xs.split(counts)). The one per-expert loop of the
-    grouped strategy (and of the benchmark's GEMM-only bound): one GEMM pair per expert with work, and per
-    expert only the five calls of expert_ffn_into (the weight views come from one unbind each).
+    The one per-expert loop of the grouped strategy (and of the benchmark's GEMM-only bound): one GEMM pair per
+    expert with work. `blocks` is consumed in order (it may be a generator) and holds num_blocks entries. The
+    transposed weight views come from one unbind of each weight when most experts have work, one view per
+    expert when few do (decode: unbinding all E views would cost more than the few experts' GEMM calls).
     """
-    for xe, w13t_e, w2t_e, ye in zip(x_blocks, w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0),
-                                     out_blocks, strict=True):
-        if xe.shape[0]:
-            expert_ffn_into(xe, w13t_e, w2t_e, ye)
+    E = w13.shape[0]
+    if num_blocks * 4 < E:
+        for e, xe, ye in blocks:
+            expert_ffn_into(xe, w13[e].t(), w2[e].t(), ye)
+        return
+    w13t, w2t = w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0)  # E views each
+    for e, xe, ye in blocks:
+        expert_ffn_into(xe, w13t[e], w2t[e], ye)
 
 
 def needs_grad(*ts: torch.Tensor | None) -> bool:
@@ -86,12 +91,15 @@ def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: tor
     Written in place into `out` (default: a new [N, D] buffer); out=xs overwrites each block with its output.
     """
     ys = xs.new_empty(plan.num_rows, w2.shape[1]) if out is None else out  # [N, D]
-    counts = plan.counts.tolist()  # [E]
-    if needs_grad(xs, w13, w2):  # autograd forbids writing into split()'s views: each block sliced as it is written
-        bounds = plan.offsets.tolist()
-        ffn_blocks(xs.split(counts), w13, w2, (ys[a:b] for a, b in zip(bounds, bounds[1:])))
-    else:
-        ffn_blocks(xs.split(counts), w13, w2, ys.split(counts))
+    active = list(expert_blocks(plan))  # (e, rows) for each expert with work
+    if len(active) * 4 < plan.num_experts or needs_grad(xs, w13, w2):
+        # few blocks (or autograd, which forbids writing into split()'s views): slice each as it is run
+        blocks = ((e, xs[rows], ys[rows]) for e, rows in active)
+    else:  # most experts have work: all blocks from one split of each buffer
+        counts = plan.counts.tolist()  # [E]
+        xb, yb = xs.split(counts), ys.split(counts)
+        blocks = ((e, xb[e], yb[e]) for e, _ in active)
+    ffn_blocks(blocks, w13, w2, len(active))
     return ys
 
 

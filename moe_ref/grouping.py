@@ -63,26 +63,26 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         raise ValueError(f"method must be one of {GROUPING_METHODS}, got {method!r}")
     T, K = topk_ids.shape
     flat = topk_ids.reshape(-1).long()  # [S]
-    if flat.numel() and (int(flat.max()) >= num_experts or int(flat.min()) < -1):
-        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
-    dev = flat.device
-    S = flat.numel()
-    valid = flat >= 0  # [S]
-    dropping = S > 0 and not bool(valid.all())
+    dev, S = flat.device, flat.numel()
+    lo, hi = (int(v) for v in torch.aminmax(flat)) if S else (0, 0)  # one reduction, one sync
+    if hi >= num_experts or lo < -1:
+        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{lo}, {hi}]")
+    dropping = lo < 0  # some slot is -1
+    valid = flat >= 0 if dropping or method == "counting" else None  # [S]
     counts = torch.bincount(flat[valid] if dropping else flat, minlength=num_experts)  # [E]
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)  # [E+1]
-    N = int(offsets[-1])
+    offsets = counts.new_zeros(num_experts + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])  # [E+1]
+    N = int(offsets[-1]) if dropping else S
     slots = torch.arange(S, device=dev)  # [S]
     if method == "argsort":
         # dropped slots get key E so they sort past every real expert, then are cut off; the keys are sorted
         # in the narrowest integer type that holds E (a stable sort of int16 keys is ~3x faster than of int64)
         key_dtype = torch.int16 if num_experts < 2**15 else torch.int64
         key = (torch.where(valid, flat, num_experts) if dropping else flat).to(key_dtype)
-        sorted_slots = torch.sort(key, stable=True).indices[:N]  # [N]
-        block_start = torch.repeat_interleave(offsets[:-1], counts, output_size=N)  # [N] first row of its expert
-        rank = torch.full((S,), -1, dtype=torch.long, device=dev)
+        expert_sorted, order = torch.sort(key, stable=True)  # [S] each
+        sorted_slots = order[:N]  # [N]
+        block_start = offsets.index_select(0, expert_sorted[:N].long())  # [N] first row of each row's expert
+        rank = torch.full((S,), -1, dtype=torch.long, device=dev) if dropping else torch.empty_like(slots)
         rank.scatter_(0, sorted_slots, slots[:N] - block_start)
     else:
         # rank of each slot within its expert = how many earlier slots chose the same expert
@@ -93,8 +93,8 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         dest = offsets[flat.clamp(min=0)] + rank  # [S] grouped row of each slot
         sorted_slots = torch.empty(N, dtype=torch.long, device=dev)
         sorted_slots[dest[valid]] = slots[valid]  # scatter
-    inverse = torch.full((S,), -1, dtype=torch.long, device=dev)
-    inverse.scatter_(0, sorted_slots, slots[:N])
+    inverse = torch.full((S,), -1, dtype=torch.long, device=dev) if dropping else torch.empty_like(slots)
+    inverse.scatter_(0, sorted_slots, slots[:N])  # every slot is written unless some are dropped
     return DispatchPlan(counts=counts, offsets=offsets, sorted_slots=sorted_slots,
                         token_ids=sorted_slots // max(K, 1), inverse=inverse, rank=rank,
                         num_tokens=T, top_k=K)

@@ -37,11 +37,10 @@ BOUND = "gemm_only"
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
     """A callable doing just the per-expert GEMMs (+SwiGLU, written in place) on pre-grouped rows: the bound."""
     D = x.shape[1]
-    xbs = [x.new_empty(n, D).normal_() for n in counts]  # [n_e, D] per expert
-    outs = [x.new_empty(n, D) for n in counts]
+    blocks = [(e, x.new_empty(n, D).normal_(), x.new_empty(n, D)) for e, n in enumerate(counts) if n]  # [n_e, D]
 
     def run():
-        ffn_blocks(xbs, w13, w2, outs)
+        ffn_blocks(blocks, w13, w2, len(blocks))
 
     return run
 
