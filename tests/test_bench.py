@@ -35,7 +35,8 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
     for r in rows:
         assert (r["shape"], r["dtype"], r["tokens"], r["threads"]) == ("cpu-small", "fp32", 4, 1)
         assert r["seconds"] > 0 and r["iqr_s"] >= 0
-        assert r["ratio_to_bound"] == pytest.approx(r["seconds"] / bound["seconds"])
+        assert r["ratio_to_bound"] == pytest.approx(r["seconds"] / bound["seconds"])  # one round: paired = plain
+        assert r["times_s"] == [r["seconds"]]
     assert [t["target"] for t in res["targets"]] == ["grouped <= 1.0x the best transformers experts implementation"]
     assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
     assert "torch threads (pinned)" in capsys.readouterr().out
@@ -98,6 +99,17 @@ def test_distrust_flags_beating_the_bound_and_wide_spreads(capsys):
     assert timing.warn_if_busy(flags, "T=16")
     out = capsys.readouterr().out
     assert "WARNING (T=16)" in out and "can't be trusted" in out and "fast:" in out
+
+
+def test_paired_ratio_compares_round_by_round():
+    """A slow phase that hits a provider's rounds and its bound's alike cancels in the paired ratio."""
+    t = timing.time_cpu({"bound": _named("bound"), "f": _named("f")}, rounds=3, warmup=0,
+                        clock=_fake_clock({"bound": [1.0, 5.0, 4.0], "f": [1.0, 10.0, 2.0]}))
+    assert t["f"]["median_s"] / t["bound"]["median_s"] == 0.5  # the medians come from different rounds
+    assert timing.paired_ratio(t["f"], t["bound"]) == 1.0  # per round: 1.0, 2.0, 0.5
+    flags = timing.distrust(t, "bound")  # both noisy, but f is not "faster than its bound" (0.5x by the medians)
+    assert set(flags) == {"bound", "f"} and all("spread" in why for why in flags.values())
+    assert timing.paired_ratio(dict(median_s=3.0), dict(median_s=2.0)) == 1.5  # no per-round times: the medians
 
 
 def test_cpu_bench_marks_untrusted_rows_with_a_fake_clock(tmp_path, capsys):

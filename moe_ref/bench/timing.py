@@ -9,8 +9,10 @@ Timer(device)(fn) -> {median_ms, p20_ms, p80_ms, min_ms, reps}:
 time_cpu(fns, rounds, threads) is the one CPU harness: torch's thread count pinned (and recorded) for the run,
 every callable timed once per round by torch.utils.benchmark, the rounds interleaved across callables (one
 busy moment of the machine hits all of them alike), the median and the interquartile range of each kept.
+paired_ratio(a, b) compares two of its timings round by round: the median of a's time over b's in the same
+round, so a slow phase of the machine that spans a round slows both sides of each ratio alike.
 distrust(timed, bound) names what cannot be trusted: a callable faster than its own bound by more than
-BEAT_BOUND, or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy prints it.
+BEAT_BOUND (paired), or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy prints it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.utils.benchmark as tb
 
 from ..roofline import H200_BF16_FLOPS, H200_HBM_BPS
 
-__all__ = ["Timer", "time_cpu", "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD", "summary",
+__all__ = ["Timer", "time_cpu", "paired_ratio", "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD", "summary",
            "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
@@ -129,20 +131,31 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
     return out
 
 
+def paired_ratio(a: dict, b: dict) -> float:
+    """a over b for two timings of one time_cpu run: the median of the per-round ratios a_i / b_i.
+
+    Timings without per-round times (or with different round counts) fall back to the ratio of the medians.
+    """
+    ta, tb_ = a.get("times_s"), b.get("times_s")
+    if ta and tb_ and len(ta) == len(tb_) and all(t > 0 for t in tb_):
+        return statistics.median(x / y for x, y in zip(ta, tb_))
+    return a["median_s"] / b["median_s"]
+
+
 def distrust(timed: dict[str, dict], bound: str | None = None) -> dict[str, str]:
     """{name: why} for each timing of time_cpu that cannot be trusted (see BEAT_BOUND, WIDE_SPREAD).
 
     With `bound` (the name of the lower-bound callable), any other callable faster than it by more than
-    BEAT_BOUND is flagged: nothing can beat its own bound, so the bound's rounds were disturbed.
+    BEAT_BOUND (paired_ratio) is flagged: nothing can beat its own bound, so the bound's rounds were disturbed.
     """
     if bound is not None and bound not in timed:
         raise KeyError(f"bound {bound!r} is not among the timings {sorted(timed)}")
     out = {}
-    b = timed[bound]["median_s"] if bound is not None else None
     for name, t in timed.items():
         med, iqr = t["median_s"], t["iqr_s"]
-        if b is not None and name != bound and med < b * (1 - BEAT_BOUND):
-            out[name] = f"{med / b:.2f}x its own bound (faster than possible)"
+        ratio = paired_ratio(t, timed[bound]) if bound is not None and name != bound else None
+        if ratio is not None and ratio < 1 - BEAT_BOUND:
+            out[name] = f"{ratio:.2f}x its own bound (faster than possible)"
         elif med > 0 and iqr > WIDE_SPREAD * med:
             out[name] = f"spread {100 * iqr / med:.0f} % of the median (IQR)"
     return out
