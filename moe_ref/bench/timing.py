@@ -26,8 +26,8 @@ import torch.utils.benchmark as tb
 
 from ..roofline import H200_BF16_FLOPS, H200_HBM_BPS
 
-__all__ = ["Timer", "time_cpu", "paired_ratio", "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD", "summary",
-           "measure_limits", "progress", "resolve_device", "free_memory"]
+__all__ = ["Timer", "time_cpu", "paired_ratio", "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD",
+           "summary", "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
 
