@@ -413,6 +413,6 @@ def combine_torch(slot_out: torch.Tensor, topk_ids: torch.Tensor, out_dtype: tor
     T, K = topk_ids.shape
     if slot_out.dim() == 3:  # [SPLIT_K, S, D] partial sums of a split down()
         slot_out = slot_out.float().sum(0)
-    v = slot_out.float().view(T, K, -1)  # [T, K, D]
+    v = slot_out.float().view(T, K, slot_out.shape[-1])  # [T, K, D] (D named: T = 0 leaves -1 ambiguous)
     v = torch.where((topk_ids >= 0).unsqueeze(-1), v, torch.zeros((), device=v.device))  # unset rows may hold NaN
     return v.sum(1).to(out_dtype)

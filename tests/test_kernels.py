@@ -563,3 +563,10 @@ def test_single_token_rows_are_shared_and_right():
     rows = a.sorted_slot_ids.view(3, 16)
     assert rows[:, 0].tolist() == [0, 1, 2] and (rows[:, 1:] == 3).all() and int(a.num_padded) == 48
     assert a.expert_ids.tolist() == [3, 0, 5] and b.expert_ids.tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_combine_torch_takes_an_empty_batch(split):
+    ids = torch.zeros(0, 2, dtype=torch.long)  # T = 0
+    slot_out = torch.zeros((3, 0, 8) if split else (0, 8))
+    assert mk.combine_torch(slot_out, ids, torch.bfloat16).shape == (0, 8)
