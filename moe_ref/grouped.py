@@ -4,7 +4,7 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 "grouped":    one GEMM pair per non-empty expert on its contiguous block (Python loop over experts),
               then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
-              `ffn_blocks` is the one per-expert loop both use, on the blocks `expert_blocks` names.
+              `ffn_rows` is the one per-expert loop both use, on the blocks `expert_blocks` names.
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -61,27 +61,62 @@ def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor,
     return torch.mm(a, w2t_e, out=out)  # [n, D]
 
 
-def ffn_blocks(blocks, w13: torch.Tensor, w2: torch.Tensor, num_blocks: int) -> None:
-    """out_e = expert_ffn(x_e) through expert e for each (e, x_e [n_e, D], out_e [n_e, D]) in `blocks`.
-
-    The one per-expert loop of the grouped strategy (and of the benchmark's GEMM-only bound): one GEMM pair per
-    expert with work. `blocks` is consumed in order (it may be a generator) and holds num_blocks entries. The
-    transposed weight views come from one unbind of each weight when most experts have work, one view per
-    expert when few do (decode: unbinding all E views would cost more than the few experts' GEMM calls).
-    """
-    E = w13.shape[0]
-    if num_blocks * 4 < E:
-        for e, xe, ye in blocks:
-            expert_ffn_into(xe, w13[e].t(), w2[e].t(), ye)
-        return
-    w13t, w2t = w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0)  # E views each
-    for e, xe, ye in blocks:
-        expert_ffn_into(xe, w13t[e], w2t[e], ye)
-
-
 def needs_grad(*ts: torch.Tensor | None) -> bool:
     """True when autograd records: grad mode on and some tensor requires grad (then no out= or in-place)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+STAGED_BYTES = 2 << 20  # gate/up rows [N, 2F] up to this size go through one SwiGLU for all experts (decode)
+
+
+def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """out[a:b] = expert_ffn(xs[a:b]) through expert e for each block a, b = bounds[e], bounds[e+1] with rows.
+
+    The one per-expert loop of the grouped strategy and of the benchmark's GEMM-only bound: one GEMM pair per
+    expert with work, on contiguous row blocks of xs [N, D], written into out [N, D] (which may be xs itself).
+    Each step costs a few µs of calls, so the loop is arranged to make few of them:
+      - large batches: expert_ffn_into per expert (its [n, 2F] and [n, F] intermediates stay small, in cache);
+      - small batches (gate/up rows [N, 2F] within STAGED_BYTES): every expert's first GEMM into one [N, 2F]
+        buffer, one SwiGLU over all of it, then every expert's down GEMM: two calls per expert instead of six;
+      - blocks and weight views from one split / unbind each when most experts have work, one slice per
+        expert with work when few do (decode: E views would cost more than the few experts' GEMMs).
+    Either way each row gets the same GEMMs and the same elementwise SwiGLU: the same bits.
+    """
+    E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
+    active = [e for e in range(E) if bounds[e + 1] > bounds[e]]
+    if needs_grad(xs, w13, w2):  # autograd: out of place per expert, each block sliced as it is written
+        for e in active:
+            rows = slice(bounds[e], bounds[e + 1])
+            expert_ffn_into(xs[rows], w13[e].t(), w2[e].t(), out[rows])
+        return out
+    few = len(active) * 4 < E
+    if few:
+        def blocks(t):
+            return {e: t[bounds[e]:bounds[e + 1]] for e in active}
+        w13t = {e: w13[e].t() for e in active}
+        w2t = {e: w2[e].t() for e in active}
+    else:
+        counts = [bounds[e + 1] - bounds[e] for e in range(E)]
+
+        def blocks(t):
+            return t.split(counts)
+        w13t, w2t = w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0)  # E views each
+    xb, ob = blocks(xs), blocks(out)
+    if N * 2 * F * xs.element_size() > STAGED_BYTES:
+        for e in active:
+            expert_ffn_into(xb[e], w13t[e], w2t[e], ob[e])
+        return out
+    h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
+    hb = blocks(h)
+    for e in active:
+        torch.mm(xb[e], w13t[e], out=hb[e])
+    a = Fn.silu(h[:, :F])  # [N, F]
+    a.mul_(h[:, F:])
+    ab = blocks(a)
+    for e in active:
+        torch.mm(ab[e], w2t[e], out=ob[e])
+    return out
 
 
 def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: torch.Tensor,
@@ -91,16 +126,7 @@ def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: tor
     Written in place into `out` (default: a new [N, D] buffer); out=xs overwrites each block with its output.
     """
     ys = xs.new_empty(plan.num_rows, w2.shape[1]) if out is None else out  # [N, D]
-    active = list(expert_blocks(plan))  # (e, rows) for each expert with work
-    if len(active) * 4 < plan.num_experts or needs_grad(xs, w13, w2):
-        # few blocks (or autograd, which forbids writing into split()'s views): slice each as it is run
-        blocks = ((e, xs[rows], ys[rows]) for e, rows in active)
-    else:  # most experts have work: all blocks from one split of each buffer
-        counts = plan.counts.tolist()  # [E]
-        xb, yb = xs.split(counts), ys.split(counts)
-        blocks = ((e, xb[e], yb[e]) for e, _ in active)
-    ffn_blocks(blocks, w13, w2, len(active))
-    return ys
+    return ffn_rows(xs, plan.offsets.tolist(), w13, w2, ys)
 
 
 def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor,

@@ -145,19 +145,38 @@ def test_grouped_steps_intermediates_and_output(cfg, method, drop):
     assert torch.equal(s.y, strategy(x, r, layer.w13, layer.w2).y)  # the strategy is these steps, bit for bit
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E, T", [(8, 40), (64, 3)])  # most experts with work; few (the one-slice-each path)
+def test_ffn_rows_staged_and_per_expert_give_the_same_bits(monkeypatch, dtype, E, T):
+    layer, x = make_case(T, 32, 24, E, 2, seed=4, dtype=dtype)
+    r = layer.route(x)
+    staged = grouped_steps(x, r, layer.w13, layer.w2)  # small: one SwiGLU over all rows
+    monkeypatch.setattr(grouped, "STAGED_BYTES", 0)  # every batch through expert_ffn_into, one expert at a time
+    per_expert = grouped_steps(x, r, layer.w13, layer.w2)
+    assert torch.equal(staged.ys, per_expert.ys) and torch.equal(staged.y, per_expert.y)
+    for e, rows in expert_blocks(staged.plan):
+        assert torch.equal(staged.ys[rows], moe_ref.expert_ffn(staged.xs[rows], layer.w13[e], layer.w2[e]))
+    y = moe_ref.strategy.get_strategy("grouped")(x, r, layer.w13, layer.w2).y  # in place over xs
+    assert torch.equal(y, per_expert.y)
+
+
 def test_grouped_strategy_runs_the_one_expert_loop(monkeypatch):
     layer, x = make_case(40, 16, 8, 6, 2, seed=1)
     r = hand_routing(torch.stack([torch.zeros(40, dtype=torch.long), torch.full((40,), 3)], 1))  # experts 0, 3
     seen = []
-    real = grouped.expert_ffn_into
+    real = torch.mm
+    ptrs = {layer.w13[e].data_ptr(): ("up", e) for e in range(6)} | {layer.w2[e].data_ptr(): ("down", e) for e in range(6)}
 
-    def spy(xe, w13t_e, w2t_e, out):
-        seen.append((xe.shape[0], next(e for e in range(6) if w13t_e.data_ptr() == layer.w13[e].data_ptr())))
-        return real(xe, w13t_e, w2t_e, out)
+    def spy(a, b, **kw):
+        if b.data_ptr() in ptrs:
+            seen.append((*ptrs[b.data_ptr()], a.shape[0]))
+        return real(a, b, **kw)
 
-    monkeypatch.setattr(grouped, "expert_ffn_into", spy)
+    monkeypatch.setattr(torch, "mm", spy)
     y = layer(x, strategy="grouped", routing=r).output
-    assert seen == [(40, 0), (40, 3)]  # one call per expert with rows, each on its whole block; none for the rest
+    monkeypatch.undo()
+    # one GEMM pair per expert with rows, each on its whole block; nothing for the others
+    assert sorted(seen) == [("down", 0, 40), ("down", 3, 40), ("up", 0, 40), ("up", 3, 40)]
     assert_close(y, moe_ref.reference_moe(x, r, layer.w13, layer.w2))
 
 

@@ -1,7 +1,7 @@
 """The CPU benchmark: our strategies and transformers' experts implementations side by side, against the bound.
 
 Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
-The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very ffn_blocks loop the grouped strategy
+The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very ffn_rows loop the grouped strategy
 uses) on rows already grouped by expert, with the routing's own expert loads: no routing, permutation,
 gate weights or combine. Every strategy must spend at least that.
 Providers, all on the same weights and the same routing:
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..config import MoEConfig
-from ..grouped import ffn_blocks
+from ..grouped import ffn_rows
 from ..layer import MoELayer
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
@@ -36,11 +36,14 @@ BOUND = "gemm_only"
 
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
     """A callable doing just the per-expert GEMMs (+SwiGLU, written in place) on pre-grouped rows: the bound."""
-    D = x.shape[1]
-    blocks = [(e, x.new_empty(n, D).normal_(), x.new_empty(n, D)) for e, n in enumerate(counts) if n]  # [n_e, D]
+    D, bounds = x.shape[1], [0]
+    for n in counts:
+        bounds.append(bounds[-1] + n)
+    xb = x.new_empty(bounds[-1], D).normal_()  # [N, D] rows already grouped by expert
+    out = x.new_empty(bounds[-1], D)
 
     def run():
-        ffn_blocks(blocks, w13, w2, len(blocks))
+        ffn_rows(xb, bounds, w13, w2, out)
 
     return run
 
