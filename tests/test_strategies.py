@@ -165,7 +165,8 @@ def test_grouped_strategy_runs_the_one_expert_loop(monkeypatch):
     r = hand_routing(torch.stack([torch.zeros(40, dtype=torch.long), torch.full((40,), 3)], 1))  # experts 0, 3
     seen = []
     real = torch.mm
-    ptrs = {layer.w13[e].data_ptr(): ("up", e) for e in range(6)} | {layer.w2[e].data_ptr(): ("down", e) for e in range(6)}
+    ptrs = {**{layer.w13[e].data_ptr(): ("up", e) for e in range(6)},
+            **{layer.w2[e].data_ptr(): ("down", e) for e in range(6)}}
 
     def spy(a, b, **kw):
         if b.data_ptr() in ptrs:
