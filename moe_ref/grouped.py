@@ -37,9 +37,13 @@ class GroupedSteps(NamedTuple):
 def expert_blocks(plan: DispatchPlan) -> Iterator[tuple[int, slice]]:
     """(e, rows) for each expert with work: rows = slice(offsets[e], offsets[e+1]) of the grouped order."""
     bounds = plan.offsets.tolist()  # [E+1]
-    for e in range(plan.num_experts):
-        if bounds[e + 1] > bounds[e]:
-            yield e, slice(bounds[e], bounds[e + 1])
+    for e in _active(bounds):
+        yield e, slice(bounds[e], bounds[e + 1])
+
+
+def _active(bounds: list[int]) -> list[int]:
+    """The experts whose block bounds[e]:bounds[e+1] has rows."""
+    return [e for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
 
 
 def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -84,24 +88,22 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     Either way each row gets the same GEMMs and the same elementwise SwiGLU: the same bits.
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
-    active = [e for e in range(E) if bounds[e + 1] > bounds[e]]
+    active = _active(bounds)
     if needs_grad(xs, w13, w2):  # autograd: out of place per expert, each block sliced as it is written
         for e in active:
             rows = slice(bounds[e], bounds[e + 1])
             expert_ffn_into(xs[rows], w13[e].t(), w2[e].t(), out[rows])
         return out
     few = len(active) * 4 < E
+    sizes = None if few else [bounds[e + 1] - bounds[e] for e in range(E)]  # [E] rows per expert
     if few:
-        def blocks(t):
-            return {e: t[bounds[e]:bounds[e + 1]] for e in active}
-        w13t = {e: w13[e].t() for e in active}
-        w2t = {e: w2[e].t() for e in active}
+        w13t, w2t = {e: w13[e].t() for e in active}, {e: w2[e].t() for e in active}
     else:
-        counts = [bounds[e + 1] - bounds[e] for e in range(E)]
-
-        def blocks(t):
-            return t.split(counts)
         w13t, w2t = w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0)  # E views each
+
+    def blocks(t: torch.Tensor):  # t's row block of each expert, indexed by e
+        return {e: t[bounds[e]:bounds[e + 1]] for e in active} if few else t.split(sizes)
+
     xb, ob = blocks(xs), blocks(out)
     if N * 2 * F * xs.element_size() > STAGED_BYTES:
         for e in active:

@@ -15,6 +15,8 @@ its own bound, or a wide spread) carries a `warning`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..config import MoEConfig
@@ -36,9 +38,7 @@ BOUND = "gemm_only"
 
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
     """A callable doing just the per-expert GEMMs (+SwiGLU, written in place) on pre-grouped rows: the bound."""
-    D, bounds = x.shape[1], [0]
-    for n in counts:
-        bounds.append(bounds[-1] + n)
+    D, bounds = x.shape[1], [0, *itertools.accumulate(counts)]  # [E+1] block bounds
     xb = x.new_empty(bounds[-1], D).normal_()  # [N, D] rows already grouped by expert
     out = x.new_empty(bounds[-1], D)
 
