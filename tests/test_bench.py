@@ -3,6 +3,9 @@ shape: timing numbers are meaningless here, the bookkeeping is what is tested), 
 drawn from a SYNTHETIC result built below (made-up numbers, never results)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from helpers import cpu_sweep
 from moe_ref import bench
-from moe_ref.bench import Shape, cli, providers, results, sweep, targets, timing
+from moe_ref.bench import Shape, cli, malloc, providers, results, sweep, targets, timing
 from moe_ref.plots import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,9 +22,10 @@ TINY = Shape("tiny", 32, 64, 4, 2)
 
 def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
     rc = bench.main(["--shapes", "cpu-small", "--tokens", "4", "--reps", "1", "--dtypes", "fp32", "--threads", "1",
-                     "--out", str(tmp_path), "--no-progress"])
+                     "--malloc", "default", "--out", str(tmp_path), "--no-progress"])  # this process's malloc as is
     assert rc == 0
     res = json.loads((tmp_path / "cpu.json").read_text())
+    assert res["machine"]["allocator"] == malloc.allocator() and "freed memory kept" not in malloc.allocator()
     assert res["shapes"] == [{"name": "cpu-small", "d_model": 256, "d_ff": 512, "num_experts": 8, "top_k": 2}]
     for key in ("date", "torch", "device", "python", "cpu_count"):
         assert res["machine"][key]
@@ -40,6 +44,43 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
     assert [t["target"] for t in res["targets"]] == ["grouped <= 1.0x the best transformers experts implementation"]
     assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
     assert "torch threads (pinned)" in capsys.readouterr().out
+
+
+KEEP_CHILD = """
+import json, sys, time, torch
+from moe_ref.bench import malloc
+before = malloc.allocator()
+def fresh_ms():  # a 32 MiB block allocated, written and freed, as a prefill layer's permuted rows are
+    t = time.perf_counter()
+    for _ in range(10):
+        torch.ones(8 << 20)
+    return (time.perf_counter() - t) * 100
+fresh_ms(); default = min(fresh_ms() for _ in range(3))
+after = malloc.keep_freed_memory()
+fresh_ms(); kept = min(fresh_ms() for _ in range(3))
+print(json.dumps(dict(before=before, after=after, now=malloc.allocator(), default=default, kept=kept)))
+"""
+
+
+@pytest.mark.skipif(malloc._glibc() is None, reason="mallopt's thresholds are glibc's")
+def test_keep_freed_memory_reuses_large_blocks():
+    """In a fresh process (the setting is process-wide): described before and after, and a freed 32 MiB block is
+    reused rather than faulted in again (glibc's default maps it anew on every allocation)."""
+    out = subprocess.run([sys.executable, "-c", KEEP_CHILD], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k not in malloc._ENV}).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["before"] == "glibc malloc, default settings"
+    assert r["after"] == r["now"] and "freed memory kept" in r["after"] and "1024 MiB" in r["after"]
+    assert r["kept"] < r["default"], r  # page faults: several ms per fresh 32 MiB, none for a reused one
+
+
+def test_keep_freed_memory_explains_where_it_cannot(monkeypatch, capsys):
+    monkeypatch.setattr(malloc, "_glibc", lambda: None)
+    assert "C library's malloc" in malloc.allocator()
+    with pytest.raises(RuntimeError, match="needs glibc's mallopt.*--malloc default"):
+        malloc.keep_freed_memory()
+    assert bench.main(["cpu", "--malloc", "keep", "--tokens", "1"]) == 2
+    assert "needs glibc's mallopt" in capsys.readouterr().out
 
 
 def test_cpu_bench_rejects_bad_counts(capsys):

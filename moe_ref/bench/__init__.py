@@ -5,6 +5,7 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
   timing.py     Timer (triton.testing.do_bench on CUDA, torch.utils.benchmark elsewhere), time_cpu
                 (providers interleaved, median + IQR), measure_limits (copy bandwidth, matmul rate)
   providers.py  what is timed: moe_ref strategies, transformers' experts, triton, triton_graph
+  malloc.py     the host allocator of a CPU benchmark process (keep freed memory, as a caching allocator does)
   cpu.py        the CPU benchmark against the GEMM-only bound
   sweep.py      the device sweep over shapes x token counts x providers
   targets.py    the GPU targets as data, and their evaluation

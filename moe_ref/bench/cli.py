@@ -2,7 +2,8 @@
 
 Legend: T tokens; JSON results and PNG charts are written under --out.
   cpu    our strategies and transformers' experts implementations on the CPU, against the GEMM-only
-         bound, with the CPU targets met or missed                             -> cpu.json, cpu.png
+         bound, with the CPU targets met or missed (glibc keeping freed memory unless --malloc default)
+                                                                              -> cpu.json, cpu.png
   gpu    the device sweep: real MoE shapes x token counts x providers (needs CUDA unless --device cpu)
                                                                               -> gpu.json, gpu_*.png
   merge  join device results (one process per shape) into one JSON
@@ -23,6 +24,7 @@ import torch
 
 from ..strategy import strategy_names
 from .cpu import CPU_PEERS, CPU_STRATEGIES, bench_cpu, cpu_targets, print_table
+from .malloc import ALLOCATOR_MODES, allocator, keep_freed_memory
 from .providers import GPU_PROVIDERS
 from .report import device_info, have_matplotlib, print_summary, write_charts, write_json
 from .results import merge_results, read_device_results
@@ -65,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--reps", type=int, default=7, help="timed rounds per case (providers interleaved)")
     c.add_argument("--threads", type=int, default=None,
                    help="torch threads, pinned for the run (default: torch's own choice, recorded)")
+    c.add_argument("--malloc", default="keep", choices=ALLOCATOR_MODES,
+                   help="keep: glibc keeps freed memory for reuse, as a caching allocator does (moe_ref.bench.malloc); "
+                        "default: the allocator as the process started (recorded either way)")
     c.add_argument("--out", default="build/bench")
     c.add_argument("--no-progress", action="store_true")
 
@@ -122,16 +127,21 @@ def cpu_main(args) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"--threads must be >= 1, got {args.threads}")
         return 2
+    try:
+        alloc = keep_freed_memory() if args.malloc == "keep" else allocator()
+    except RuntimeError as e:
+        print(e)
+        return 2
     threads = args.threads or torch.get_num_threads()
     shapes = [SHAPES[s] for s in args.shapes]
     print(f"bench cpu: {threads} torch threads (pinned), "
-          f"{args.reps} interleaved rounds per case")
+          f"{args.reps} interleaved rounds per case; allocator: {alloc}")
     rows = bench_cpu(shapes, args.tokens, args.dtypes, args.strategies, args.peers, args.reps, threads,
                      not args.no_progress)
     targets = cpu_targets(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = dict(device_info("cpu"), torch_threads=threads)
+    machine = dict(device_info("cpu"), torch_threads=threads, allocator=alloc)
     result = {"kind": "cpu", "machine": machine, "threads": threads, "shapes": [asdict(s) for s in shapes],
               "reps": args.reps, "rows": rows, "targets": targets}
     (out / "cpu.json").write_text(json.dumps(result, indent=2))
