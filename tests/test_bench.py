@@ -106,7 +106,7 @@ def _named(name):
 
 def test_time_cpu_interleaves_pins_threads_and_keeps_median_and_iqr():
     order = []
-    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b")}
+    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b", "c")}
     before = torch.get_num_threads()
     seen = []
 
@@ -115,8 +115,9 @@ def test_time_cpu_interleaves_pins_threads_and_keeps_median_and_iqr():
         return lambda: (fn(), 0.001)[1]
 
     t = timing.time_cpu(fns, rounds=3, warmup=1, threads=1, clock=clock)
-    assert order == ["a", "b"] * 4  # one warm-up round, then three rounds, interleaved
-    assert seen == [(1, 1), (1, 1)] and torch.get_num_threads() == before  # pinned, then restored
+    # one warm-up round, then three rounds, interleaved, each starting one fn later (each follows every other)
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    assert seen == [(1, 1)] * 3 and torch.get_num_threads() == before  # pinned, then restored
     assert t["a"]["threads"] == 1 and t["a"]["times_s"] == [0.001] * 3 and t["a"]["iqr_s"] == 0
     t = timing.time_cpu({"f": _named("f")}, rounds=5, warmup=0, clock=_fake_clock({"f": [5, 1, 3, 2, 4]}))
     assert t["f"]["median_s"] == 3 and t["f"]["iqr_s"] == pytest.approx(2.0)  # quartiles 2 and 4

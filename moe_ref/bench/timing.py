@@ -98,6 +98,8 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
              clock: Callable[[Callable[[], object], int], Callable[[], float]] | None = None) -> dict[str, dict]:
     """{name: {median_s, iqr_s, times_s, threads}}: every fn timed once per round, the rounds interleaved across fns.
 
+    The order rotates from round to round (round i starts at the i-th fn), so no fn always runs right after the
+    same other one (whose caches, or whose freed memory, it would inherit every time).
     threads: torch's intra-op thread count for the run (default: the current one), set before and restored
     after. clock(fn, threads) -> a function returning the seconds of one call of fn (default: one
     torch.utils.benchmark Timer.timeit(1) per call); tests pass a fake one.
@@ -118,9 +120,10 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
             for f in fns.values():
                 f()
         times: dict[str, list[float]] = {n: [] for n in fns}
-        for _ in range(rounds):
-            for n, c in clocks.items():
-                times[n].append(c())
+        names = list(clocks)
+        for i in range(rounds):  # round i starts at the i-th fn: each follows every other in turn, not always one
+            for n in names[i % len(names):] + names[:i % len(names)]:
+                times[n].append(clocks[n]())
     finally:
         torch.set_num_threads(before)
     out = {}
