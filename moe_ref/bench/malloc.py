@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -34,8 +35,9 @@ _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
 _kept = False  # set once keep_freed_memory() has changed this process's glibc settings
 
 
+@functools.cache
 def _glibc():
-    """The C library when it is glibc (its mallopt knows the thresholds), else None."""
+    """The C library when it is glibc (its mallopt knows the thresholds), else None; loaded once."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

@@ -122,7 +122,8 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
         times: dict[str, list[float]] = {n: [] for n in fns}
         names = list(clocks)
         for i in range(rounds):  # round i starts at the i-th fn: each follows every other in turn, not always one
-            for n in names[i % len(names):] + names[:i % len(names)]:
+            k = i % len(names)
+            for n in names[k:] + names[:k]:
                 times[n].append(clocks[n]())
     finally:
         torch.set_num_threads(before)
