@@ -4,7 +4,9 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 "grouped":    one GEMM pair per non-empty expert on its contiguous block (Python loop over experts),
               then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
-              `ffn_rows` is the one per-expert loop both use, on the blocks `expert_blocks` names.
+              `ffn_rows` is the one per-expert loop both use, on the blocks `expert_blocks` names; each of its
+              GEMMs goes through `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows,
+              one torch.bmm over column chunks of the weight, so that every core gets a share).
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -52,17 +54,61 @@ def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor,
 
     No copy beyond the [n, 2F] and [n, F] GEMM outputs: the down GEMM writes straight into `out` (a row block of
     the caller's buffer; it may be xe itself, read in full before out is written), SwiGLU multiplies in place
-    into silu(gate). The same bits as expert_ffn(xe, w13[e], w2[e]). Under autograd (an input requiring grad,
-    grad mode on), where out= and in-place steps are not allowed, it computes the same out of place and copies
-    it into `out`.
+    into silu(gate). The same bits as expert_ffn(xe, w13[e], w2[e]) wherever expert_mm runs one torch.mm (see
+    there for when it splits). Under autograd (an input requiring grad, grad mode on), where out= and in-place
+    steps are not allowed, it computes the same out of place and copies it into `out`.
     """
     if needs_grad(xe, w13t_e, w2t_e):
         return out.copy_(swiglu(xe @ w13t_e) @ w2t_e)
     F = w2t_e.shape[0]
-    h = torch.mm(xe, w13t_e)  # [n, 2F]: gate | up
+    h = expert_mm(xe, w13t_e, xe.new_empty(xe.shape[0], 2 * F))  # [n, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [n, F]
     a.mul_(h[:, F:])
-    return torch.mm(a, w2t_e, out=out)  # [n, D]
+    return expert_mm(a, w2t_e, out)  # [n, D]
+
+
+SPLIT_ROWS = 256  # float32 CPU GEMMs on at most this many rows run as column chunks (expert_mm)
+SPLIT_MIN_COLS = 64  # the narrowest column chunk expert_mm makes
+SPLIT_DTYPES = (torch.float32,)
+
+
+def column_chunks(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor) -> int:
+    """How many column chunks expert_mm splits out [n, N] = a [n, K] @ wt [K, N] into (1: one torch.mm).
+
+    More than one only on a CPU with torch threads > 1, in a SPLIT_DTYPES dtype, for n <= SPLIT_ROWS rows, wt the
+    transpose of a contiguous [N, K] weight and out contiguous: the largest P of 64, 32, ..., 2 with
+    P <= 4 x threads that divides N into chunks of >= SPLIT_MIN_COLS columns.
+    """
+    threads = torch.get_num_threads()
+    if (threads < 2 or a.device.type != "cpu" or a.dtype not in SPLIT_DTYPES or a.shape[0] > SPLIT_ROWS
+            or not wt.t().is_contiguous() or not out.is_contiguous()):
+        return 1
+    N = wt.shape[1]
+    return next((p for p in (64, 32, 16, 8, 4, 2)
+                 if p <= 4 * threads and N % p == 0 and N // p >= SPLIT_MIN_COLS), 1)
+
+
+def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [n, N] = a [n, K] @ wt [K, N], one expert's GEMM; wt is the transpose of its [N, K] weight (a view).
+
+    Why a split: MKL's float32 GEMM runs a product with few rows on one thread (on a 2-core machine one torch.mm
+    on 4 rows of a [4096, 1024] weight takes as long with 2 threads as with 1), so at decode one core reads the
+    weights while the other waits. torch.bmm shares a batch among the threads, so the weight's N output columns
+    go in as P chunks [P, K, N/P] (a view: no weight copy), and the [P, n, N/P] result is copied into out's
+    columns (n x N elements: small beside the weight). bfloat16 and float16 GEMMs (oneDNN) share small products
+    among the threads themselves and gain nothing from a split, so they run one torch.mm, as do all GEMMs on
+    one thread or on more than SPLIT_ROWS rows (column_chunks decides). A split gives each output element the
+    same products, but the GEMM kernel may sum them in another order: equal to one torch.mm within float32
+    rounding, not always bit for bit.
+    """
+    P = column_chunks(a, wt, out)
+    if P == 1:
+        return torch.mm(a, wt, out=out)
+    n, K = a.shape
+    C = wt.shape[1] // P
+    t = torch.bmm(a.expand(P, n, K), wt.t().view(P, C, K).transpose(1, 2))  # [P, n, C]
+    out.view(n, P, C).copy_(t.transpose(0, 1))
+    return out
 
 
 def needs_grad(*ts: torch.Tensor | None) -> bool:
@@ -84,7 +130,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
       - small batches (gate/up rows [N, 2F] within STAGED_BYTES): every expert's first GEMM into one [N, 2F]
         buffer, one SwiGLU over all of it, then every expert's down GEMM: two calls per expert instead of six;
       - blocks and weight views from one split / unbind each when most experts have work, one slice per
-        expert with work when few do (decode: E views would cost more than the few experts' GEMMs).
+        expert with work when few do (decode: E views would cost more than the few experts' GEMMs);
+      - every GEMM through expert_mm (float32 on few rows on a multi-threaded CPU: split by columns).
     Either way each row gets the same GEMMs and the same elementwise SwiGLU: the same bits.
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
@@ -112,12 +159,12 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
     hb = blocks(h)
     for e in active:
-        torch.mm(xb[e], w13t[e], out=hb[e])
+        expert_mm(xb[e], w13t[e], hb[e])
     a = Fn.silu(h[:, :F])  # [N, F]
     a.mul_(h[:, F:])
     ab = blocks(a)
     for e in active:
-        torch.mm(ab[e], w2t[e], out=ob[e])
+        expert_mm(ab[e], w2t[e], ob[e])
     return out
 
 

@@ -160,6 +160,69 @@ def test_ffn_rows_staged_and_per_expert_give_the_same_bits(monkeypatch, dtype, E
     assert torch.equal(y, per_expert.y)
 
 
+@pytest.fixture
+def two_threads():
+    """torch at 2 intra-op threads for the test (make test runs 1), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_column_chunks_only_for_float32_few_rows_on_threads(two_threads):
+    a, w = torch.randn(5, 64), torch.randn(256, 64)  # w [N, K]: the GEMM is a @ w.t()
+    out = torch.empty(5, 256)
+    assert grouped.column_chunks(a, w.t(), out) == 4  # <= 4 x 2 threads chunks of >= 64 columns: 256 / 4
+    assert grouped.column_chunks(a, torch.randn(1024, 64).t(), torch.empty(5, 1024)) == 8  # at most 4 x threads
+    assert grouped.column_chunks(a, torch.randn(100, 64).t(), torch.empty(5, 100)) == 1  # 2 chunks of 50: too narrow
+    assert grouped.column_chunks(a.bfloat16(), w.bfloat16().t(), out.bfloat16()) == 1  # oneDNN threads these
+    assert grouped.column_chunks(a.double(), w.double().t(), out.double()) == 1
+    big = torch.randn(grouped.SPLIT_ROWS + 1, 64)
+    assert grouped.column_chunks(big, w.t(), torch.empty(len(big), 256)) == 1  # enough rows: one mm threads itself
+    assert grouped.column_chunks(a, w.t().contiguous(), out) == 1  # the weight not a transposed row-major [N, K]
+    assert grouped.column_chunks(a, w.t(), torch.empty(256, 5).t()) == 1  # out not contiguous
+    torch.set_num_threads(1)
+    assert grouped.column_chunks(a, w.t(), out) == 1  # one thread: nothing to share
+
+
+def test_expert_mm_split_is_one_bmm_equal_to_the_product(two_threads, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(7, 96, generator=g), torch.randn(384, 96, generator=g)
+    out = torch.full((7, 384), float("nan"))
+    calls = []
+    real = torch.bmm
+    def spy(x, y, **kw):
+        calls.append((tuple(x.shape), tuple(y.shape)))
+        return real(x, y, **kw)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    got = grouped.expert_mm(a, w.t(), out)
+    assert got is out and calls == [((4, 7, 96), (4, 96, 96))]  # 4 chunks of 96 columns (8 of 48: too narrow)
+    torch.testing.assert_close(out.double(), a.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
+
+
+@given(cfg=configs(), staged=st.booleans())
+def test_grouped_with_split_gemms_matches_reference(cfg, staged):
+    T, D, F, E, K, renorm, seed = cfg
+    layer, x = make_case(T, D, F, E, K, seed=seed, renormalize=renorm)
+    low = moe_ref.MoELayer(layer.cfg, dtype=torch.float32)
+    low.load_state_dict(layer.state_dict())
+    r = layer.route(x)
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "SPLIT_MIN_COLS", 1)  # split even these small GEMMs
+        if not staged:
+            mp.setattr(grouped, "STAGED_BYTES", 0)
+        torch.set_num_threads(2)
+        try:
+            s = grouped_steps(x.float(), r, low.w13, low.w2)
+            y = moe_ref.strategy.get_strategy("grouped")(x.float(), r, low.w13, low.w2).y
+        finally:
+            torch.set_num_threads(before)
+    assert_close(s.y, moe_ref.reference_moe(x, r, layer.w13, layer.w2), torch.float32)
+    assert torch.equal(y, s.y)  # the strategy is these steps, bit for bit, split or not
+
+
 def test_grouped_strategy_runs_the_one_expert_loop(monkeypatch):
     layer, x = make_case(40, 16, 8, 6, 2, seed=1)
     r = hand_routing(torch.stack([torch.zeros(40, dtype=torch.long), torch.full((40,), 3)], 1))  # experts 0, 3
