@@ -48,23 +48,32 @@ def _active(bounds: list[int]) -> list[int]:
     return [e for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
 
 
-def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def needs_grad(*ts: torch.Tensor | None) -> bool:
+    """True when autograd records: grad mode on and some tensor requires grad (then no out= or in-place)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+STAGED_BYTES = 2 << 20  # gate/up rows [N, 2F] up to this size go through one SwiGLU for all experts (decode)
+
+
+def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor, out: torch.Tensor,
+                    chunks: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """out [n, D] = expert_ffn(xe [n, D]) for one expert, given its weights transposed (views, no copies):
     w13t_e [D, 2F] = w13[e].t(), w2t_e [F, D] = w2[e].t().
 
     No copy beyond the [n, 2F] and [n, F] GEMM outputs: the down GEMM writes straight into `out` (a row block of
     the caller's buffer; it may be xe itself, read in full before out is written), SwiGLU multiplies in place
-    into silu(gate). The same bits as expert_ffn(xe, w13[e], w2[e]) wherever expert_mm runs one torch.mm (see
-    there for when it splits). Under autograd (an input requiring grad, grad mode on), where out= and in-place
-    steps are not allowed, it computes the same out of place and copies it into `out`.
+    into silu(gate). chunks: the column chunks of the up and the down GEMM (expert_mm; (1, 1): one torch.mm each,
+    the same bits as expert_ffn(xe, w13[e], w2[e])). Under autograd (an input requiring grad, grad mode on),
+    where out= and in-place steps are not allowed, it computes the same out of place and copies it into `out`.
     """
     if needs_grad(xe, w13t_e, w2t_e):
         return out.copy_(swiglu(xe @ w13t_e) @ w2t_e)
     F = w2t_e.shape[0]
-    h = expert_mm(xe, w13t_e, xe.new_empty(xe.shape[0], 2 * F))  # [n, 2F]: gate | up
+    h = expert_mm(xe, w13t_e, xe.new_empty(xe.shape[0], 2 * F), chunks[0])  # [n, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [n, F]
     a.mul_(h[:, F:])
-    return expert_mm(a, w2t_e, out)  # [n, D]
+    return expert_mm(a, w2t_e, out, chunks[1])  # [n, D]
 
 
 SPLIT_ROWS = 256  # float32 CPU GEMMs on at most this many rows run as column chunks (expert_mm)
@@ -72,51 +81,49 @@ SPLIT_MIN_COLS = 64  # the narrowest column chunk expert_mm makes
 SPLIT_DTYPES = (torch.float32,)
 
 
-def column_chunks(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor) -> int:
-    """How many column chunks expert_mm splits out [n, N] = a [n, K] @ wt [K, N] into (1: one torch.mm).
+def column_chunks(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> int:
+    """How many column chunks expert_mm may split a GEMM rows-of-x [n, K] @ w[e].t() into (1: one torch.mm),
+    for expert weights w [E, N, K] and (when given) the buffer `out` whose row blocks take the products.
 
-    More than one only on a CPU with torch threads > 1, in a SPLIT_DTYPES dtype, for n <= SPLIT_ROWS rows, wt the
-    transpose of a contiguous [N, K] weight and out contiguous: the largest P of 64, 32, ..., 2 with
-    P <= 4 x threads that divides N into chunks of >= SPLIT_MIN_COLS columns.
+    More than one only on a CPU with torch threads > 1, in a SPLIT_DTYPES dtype, w and out contiguous: the largest
+    P of 64, 32, ..., 2 with P <= 4 x threads that divides N into chunks of >= SPLIT_MIN_COLS columns. It holds for
+    blocks of at most SPLIT_ROWS rows (chunks_for says which); decided once per call of ffn_rows, as it costs
+    µs that a loop over many experts would pay on every GEMM.
     """
     threads = torch.get_num_threads()
-    if (threads < 2 or a.device.type != "cpu" or a.dtype not in SPLIT_DTYPES or a.shape[0] > SPLIT_ROWS
-            or not wt.t().is_contiguous() or not out.is_contiguous()):
+    if (threads < 2 or x.device.type != "cpu" or x.dtype not in SPLIT_DTYPES or not w.is_contiguous()
+            or (out is not None and not out.is_contiguous())):
         return 1
-    N = wt.shape[1]
+    N = w.shape[1]
     return next((p for p in (64, 32, 16, 8, 4, 2)
                  if p <= 4 * threads and N % p == 0 and N // p >= SPLIT_MIN_COLS), 1)
 
 
-def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def chunks_for(rows: int, chunks: int) -> int:
+    """The column chunks for a block of `rows` rows: `chunks` (column_chunks) up to SPLIT_ROWS rows, else 1."""
+    return chunks if rows <= SPLIT_ROWS else 1
+
+
+def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> torch.Tensor:
     """out [n, N] = a [n, K] @ wt [K, N], one expert's GEMM; wt is the transpose of its [N, K] weight (a view).
 
-    Why a split: MKL's float32 GEMM runs a product with few rows on one thread (on a 2-core machine one torch.mm
-    on 4 rows of a [4096, 1024] weight takes as long with 2 threads as with 1), so at decode one core reads the
-    weights while the other waits. torch.bmm shares a batch among the threads, so the weight's N output columns
-    go in as P chunks [P, K, N/P] (a view: no weight copy), and the [P, n, N/P] result is copied into out's
-    columns (n x N elements: small beside the weight). bfloat16 and float16 GEMMs (oneDNN) share small products
-    among the threads themselves and gain nothing from a split, so they run one torch.mm, as do all GEMMs on
-    one thread or on more than SPLIT_ROWS rows (column_chunks decides). A split gives each output element the
-    same products, but the GEMM kernel may sum them in another order: equal to one torch.mm within float32
-    rounding, not always bit for bit.
+    chunks == 1: one torch.mm. chunks = P > 1 (column_chunks and chunks_for decide; N divisible by P, the weight
+    and out contiguous): one torch.bmm over the weight's N output columns as P chunks [P, K, N/P] (a view: no
+    weight copy), its [P, n, N/P] result copied into out's columns (n x N elements: small beside the weight).
+    Why: MKL's float32 GEMM keeps a product with few rows on one thread (on this project's 2-core dev machine,
+    torch.mm of 1 row by a [4096, 1024] weight takes about 1.2 ms with 1 thread or 2), so at decode one core
+    reads the weights while the other waits; torch.bmm shares its batch among the threads. bfloat16 and float16
+    GEMMs (oneDNN) share small products among the threads themselves and gain nothing from a split. A split
+    gives each output element the same products, but the GEMM kernel may sum them in another order: equal to
+    one torch.mm within float32 rounding, not always bit for bit.
     """
-    P = column_chunks(a, wt, out)
-    if P == 1:
+    if chunks == 1:
         return torch.mm(a, wt, out=out)
     n, K = a.shape
-    C = wt.shape[1] // P
-    t = torch.bmm(a.expand(P, n, K), wt.t().view(P, C, K).transpose(1, 2))  # [P, n, C]
-    out.view(n, P, C).copy_(t.transpose(0, 1))
+    C = wt.shape[1] // chunks
+    t = torch.bmm(a.expand(chunks, n, K), wt.t().view(chunks, C, K).transpose(1, 2))  # [P, n, C]
+    out.view(n, chunks, C).copy_(t.transpose(0, 1))
     return out
-
-
-def needs_grad(*ts: torch.Tensor | None) -> bool:
-    """True when autograd records: grad mode on and some tensor requires grad (then no out= or in-place)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
-STAGED_BYTES = 2 << 20  # gate/up rows [N, 2F] up to this size go through one SwiGLU for all experts (decode)
 
 
 def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
@@ -152,19 +159,21 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
         return {e: t[bounds[e]:bounds[e + 1]] for e in active} if few else t.split(sizes)
 
     xb, ob = blocks(xs), blocks(out)
+    p13, p2 = column_chunks(xs, w13), column_chunks(xs, w2, out)  # the column chunks of the up / down GEMMs
+    rows = {e: bounds[e + 1] - bounds[e] for e in active}
     if N * 2 * F * xs.element_size() > STAGED_BYTES:
         for e in active:
-            expert_ffn_into(xb[e], w13t[e], w2t[e], ob[e])
+            expert_ffn_into(xb[e], w13t[e], w2t[e], ob[e], (chunks_for(rows[e], p13), chunks_for(rows[e], p2)))
         return out
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
     hb = blocks(h)
     for e in active:
-        expert_mm(xb[e], w13t[e], hb[e])
+        expert_mm(xb[e], w13t[e], hb[e], chunks_for(rows[e], p13))
     a = Fn.silu(h[:, :F])  # [N, F]
     a.mul_(h[:, F:])
     ab = blocks(a)
     for e in active:
-        expert_mm(ab[e], w2t[e], ob[e])
+        expert_mm(ab[e], w2t[e], ob[e], chunks_for(rows[e], p2))
     return out
 
 

@@ -169,20 +169,19 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_column_chunks_only_for_float32_few_rows_on_threads(two_threads):
-    a, w = torch.randn(5, 64), torch.randn(256, 64)  # w [N, K]: the GEMM is a @ w.t()
+def test_column_chunks_only_for_float32_on_threads_and_few_rows(two_threads):
+    x, w = torch.randn(5, 64), torch.randn(3, 256, 64)  # rows [n, K], expert weights [E, N, K]
     out = torch.empty(5, 256)
-    assert grouped.column_chunks(a, w.t(), out) == 4  # <= 4 x 2 threads chunks of >= 64 columns: 256 / 4
-    assert grouped.column_chunks(a, torch.randn(1024, 64).t(), torch.empty(5, 1024)) == 8  # at most 4 x threads
-    assert grouped.column_chunks(a, torch.randn(100, 64).t(), torch.empty(5, 100)) == 1  # 2 chunks of 50: too narrow
-    assert grouped.column_chunks(a.bfloat16(), w.bfloat16().t(), out.bfloat16()) == 1  # oneDNN threads these
-    assert grouped.column_chunks(a.double(), w.double().t(), out.double()) == 1
-    big = torch.randn(grouped.SPLIT_ROWS + 1, 64)
-    assert grouped.column_chunks(big, w.t(), torch.empty(len(big), 256)) == 1  # enough rows: one mm threads itself
-    assert grouped.column_chunks(a, w.t().contiguous(), out) == 1  # the weight not a transposed row-major [N, K]
-    assert grouped.column_chunks(a, w.t(), torch.empty(256, 5).t()) == 1  # out not contiguous
+    assert grouped.column_chunks(x, w, out) == 4  # <= 4 x 2 threads chunks of >= 64 columns: 256 / 4
+    assert grouped.column_chunks(x, torch.randn(3, 1024, 64)) == 8  # at most 4 x threads
+    assert grouped.column_chunks(x, torch.randn(3, 100, 64)) == 1  # 2 chunks of 50: too narrow
+    assert grouped.column_chunks(x.bfloat16(), w.bfloat16()) == 1  # oneDNN shares these among threads itself
+    assert grouped.column_chunks(x.double(), w.double()) == 1
+    assert grouped.column_chunks(x, w.transpose(1, 2).contiguous().transpose(1, 2)) == 1  # w not row-major
+    assert grouped.column_chunks(x, w, torch.empty(256, 5).t()) == 1  # out not contiguous
+    assert [grouped.chunks_for(n, 4) for n in (1, grouped.SPLIT_ROWS, grouped.SPLIT_ROWS + 1)] == [4, 4, 1]
     torch.set_num_threads(1)
-    assert grouped.column_chunks(a, w.t(), out) == 1  # one thread: nothing to share
+    assert grouped.column_chunks(x, w, out) == 1  # one thread: nothing to share
 
 
 def test_expert_mm_split_is_one_bmm_equal_to_the_product(two_threads, monkeypatch):
@@ -196,8 +195,10 @@ def test_expert_mm_split_is_one_bmm_equal_to_the_product(two_threads, monkeypatc
         return real(x, y, **kw)
 
     monkeypatch.setattr(torch, "bmm", spy)
-    got = grouped.expert_mm(a, w.t(), out)
-    assert got is out and calls == [((4, 7, 96), (4, 96, 96))]  # 4 chunks of 96 columns (8 of 48: too narrow)
+    chunks = grouped.column_chunks(a, w[None])
+    assert chunks == 4  # 4 chunks of 96 columns (8 of 48: too narrow)
+    got = grouped.expert_mm(a, w.t(), out, chunks)
+    assert got is out and calls == [((4, 7, 96), (4, 96, 96))]  # one bmm, the weight a view
     torch.testing.assert_close(out.double(), a.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
 
 
