@@ -111,8 +111,9 @@ def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int 
     and out contiguous): one torch.bmm over the weight's N output columns as P chunks [P, K, N/P] (a view: no
     weight copy), its [P, n, N/P] result copied into out's columns (n x N elements: small beside the weight).
     Why: MKL's float32 GEMM keeps a product with few rows on one thread (on this project's 2-core dev machine,
-    torch.mm of 1 row by a [4096, 1024] weight takes about 1.2 ms with 1 thread or 2), so at decode one core
-    reads the weights while the other waits; torch.bmm shares its batch among the threads. bfloat16 and float16
+    torch.mm of 1 row by a [4096, 1024] weight takes about 1.2-1.3 ms with 1 thread or 2, as a bmm over 4 column
+    chunks 0.6 ms on 2), so at decode one core reads the weights while the other waits; torch.bmm shares its
+    batch among the threads. bfloat16 and float16
     GEMMs (oneDNN) share small products among the threads themselves and gain nothing from a split. A split
     gives each output element the same products, but the GEMM kernel may sum them in another order: equal to
     one torch.mm within float32 rounding, not always bit for bit.
