@@ -113,10 +113,9 @@ def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int 
     Why: MKL's float32 GEMM keeps a product with few rows on one thread (on this project's 2-core dev machine,
     torch.mm of 1 row by a [4096, 1024] weight takes about 1.2-1.3 ms with 1 thread or 2, as a bmm over 4 column
     chunks 0.6 ms on 2), so at decode one core reads the weights while the other waits; torch.bmm shares its
-    batch among the threads. bfloat16 and float16
-    GEMMs (oneDNN) share small products among the threads themselves and gain nothing from a split. A split
-    gives each output element the same products, but the GEMM kernel may sum them in another order: equal to
-    one torch.mm within float32 rounding, not always bit for bit.
+    batch among the threads. bfloat16 and float16 GEMMs (oneDNN) share small products among the threads
+    themselves and gain nothing from a split. A split gives each output element the same products, but the GEMM
+    kernel may sum them in another order: equal to one torch.mm within float32 rounding, not always bit for bit.
     """
     if chunks == 1:
         return torch.mm(a, wt, out=out)
@@ -161,20 +160,21 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
 
     xb, ob = blocks(xs), blocks(out)
     p13, p2 = column_chunks(xs, w13), column_chunks(xs, w2, out)  # the column chunks of the up / down GEMMs
-    rows = {e: bounds[e + 1] - bounds[e] for e in active}
+    chunks = {e: (chunks_for(bounds[e + 1] - bounds[e], p13), chunks_for(bounds[e + 1] - bounds[e], p2))
+              for e in active}  # (up, down) per expert, by its rows
     if N * 2 * F * xs.element_size() > STAGED_BYTES:
         for e in active:
-            expert_ffn_into(xb[e], w13t[e], w2t[e], ob[e], (chunks_for(rows[e], p13), chunks_for(rows[e], p2)))
+            expert_ffn_into(xb[e], w13t[e], w2t[e], ob[e], chunks[e])
         return out
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
     hb = blocks(h)
     for e in active:
-        expert_mm(xb[e], w13t[e], hb[e], chunks_for(rows[e], p13))
+        expert_mm(xb[e], w13t[e], hb[e], chunks[e][0])
     a = Fn.silu(h[:, :F])  # [N, F]
     a.mul_(h[:, F:])
     ab = blocks(a)
     for e in active:
-        expert_mm(ab[e], w2t[e], ob[e], chunks_for(rows[e], p2))
+        expert_mm(ab[e], w2t[e], ob[e], chunks[e][1])
     return out
 
 
