@@ -17,6 +17,7 @@ from .metrics import (
     load_imbalance,
     padding_waste,
 )
+from .packing import prepack, unpack
 from .permute import permute, unpermute
 from .reference import expert_ffn, reference_moe, swiglu
 from .router import Routing, route
@@ -40,6 +41,8 @@ __all__ = [
     "Routing", "apply_capacity", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",
     "moe_forward", "permute", "priority_rank", "reference_moe", "register_strategy", "route",
     "strategy_names", "swiglu", "unpermute",
+    # packed expert weights for the grouped strategy's CPU GEMMs
+    "prepack", "unpack",
     # capacity experiments and dynamic batching
     "DynamicBatcher", "simulate_dynamic_batching", "expert_popularity", "skewed_routing", "random_routing",
     "load_imbalance", "coefficient_of_variation", "drop_share", "padding_waste", "capacity_quality_table",

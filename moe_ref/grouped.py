@@ -5,8 +5,9 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
               then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
               `ffn_rows` is the one per-expert loop both use, on the blocks `expert_blocks` names; each of its
-              GEMMs goes through `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows,
-              one torch.bmm over column chunks of the weight, so that every core gets a share).
+              GEMMs goes through `ExpertGemms`: on the weight's packed copy when prepack made one
+              (moe_ref.packing, CPU), else `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with
+              few rows, one torch.bmm over column chunks of the weight, so that every core gets a share).
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .grouping import DispatchPlan, group_by_expert
+from .packing import packed_for
 from .permute import permute, unpermute
 from .reference import check_weights, swiglu
 from .router import Routing, validate_routing
@@ -56,24 +58,19 @@ def needs_grad(*ts: torch.Tensor | None) -> bool:
 STAGED_BYTES = 2 << 20  # gate/up rows [N, 2F] up to this size go through one SwiGLU for all experts (decode)
 
 
-def expert_ffn_into(xe: torch.Tensor, w13t_e: torch.Tensor, w2t_e: torch.Tensor, out: torch.Tensor,
-                    chunks: tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """out [n, D] = expert_ffn(xe [n, D]) for one expert, given its weights transposed (views, no copies):
-    w13t_e [D, 2F] = w13[e].t(), w2t_e [F, D] = w2[e].t().
+def expert_ffn_into(e: int, xe: torch.Tensor, up: ExpertGemms, down: ExpertGemms, out: torch.Tensor
+                    ) -> torch.Tensor:
+    """out [n, D] = expert_ffn(xe [n, D]) through expert e, its GEMMs run by `up` (w13) and `down` (w2).
 
     No copy beyond the [n, 2F] and [n, F] GEMM outputs: the down GEMM writes straight into `out` (a row block of
     the caller's buffer; it may be xe itself, read in full before out is written), SwiGLU multiplies in place
-    into silu(gate). chunks: the column chunks of the up and the down GEMM (expert_mm; (1, 1): one torch.mm each,
-    the same bits as expert_ffn(xe, w13[e], w2[e])). Under autograd (an input requiring grad, grad mode on),
-    where out= and in-place steps are not allowed, it computes the same out of place and copies it into `out`.
+    into silu(gate). Outside autograd only (ffn_rows runs the autograd case out of place).
     """
-    if needs_grad(xe, w13t_e, w2t_e):
-        return out.copy_(swiglu(xe @ w13t_e) @ w2t_e)
-    F = w2t_e.shape[0]
-    h = expert_mm(xe, w13t_e, xe.new_empty(xe.shape[0], 2 * F), chunks[0])  # [n, 2F]: gate | up
+    F = down.shape[2]
+    h = up.mm(e, xe, xe.new_empty(xe.shape[0], 2 * F))  # [n, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [n, F]
     a.mul_(h[:, F:])
-    return expert_mm(a, w2t_e, out, chunks[1])  # [n, D]
+    return down.mm(e, a, out)  # [n, D]
 
 
 SPLIT_ROWS = 256  # float32 CPU GEMMs on at most this many rows run as column chunks (expert_mm)
@@ -105,15 +102,16 @@ def chunks_for(rows: int, chunks: int) -> int:
 
 
 def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-    """out [n, N] = a [n, K] @ wt [K, N], one expert's GEMM; wt is the transpose of its [N, K] weight (a view).
+    """out [n, N] = a [n, K] @ wt [K, N], one expert's GEMM on a plain weight; wt is the transpose of its [N, K]
+    weight (a view).
 
     chunks == 1: one torch.mm. chunks = P > 1 (column_chunks and chunks_for decide; N divisible by P, the weight
     and out contiguous): one torch.bmm over the weight's N output columns as P chunks [P, K, N/P] (a view: no
     weight copy), its [P, n, N/P] result copied into out's columns (n x N elements: small beside the weight).
     Why: MKL's float32 GEMM keeps a product with few rows on one thread (on this project's 2-core dev machine,
     torch.mm of 1 row by a [4096, 1024] weight takes about 1.2-1.3 ms with 1 thread or 2, as a bmm over 4 column
-    chunks 0.6 ms on 2), so at decode one core reads the weights while the other waits; torch.bmm shares its
-    batch among the threads. bfloat16 and float16 GEMMs (oneDNN) share small products among the threads
+    chunks 0.6 ms on 2), so at decode one core reads the expert's weights while the other waits; torch.bmm shares
+    its batch among the threads. bfloat16 and float16 GEMMs (oneDNN) share small products among the threads
     themselves and gain nothing from a split. A split gives each output element the same products, but the GEMM
     kernel may sum them in another order: equal to one torch.mm within float32 rounding, not always bit for bit.
     """
@@ -126,6 +124,30 @@ def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int 
     return out
 
 
+class ExpertGemms:
+    """How one call of ffn_rows runs the GEMMs a [n, K] @ w[e].t() of one weight stack w [E, N, K]: mm(e, a, out).
+
+    On the packed copy when prepack made one for w (moe_ref.packing: oneDNN's blocked layout, read at memory speed
+    at decode), else expert_mm on the plain weight's transposed view, split by columns where column_chunks allows.
+    Decided once per call (the few µs of the decision are not paid per expert). `experts`: the experts that will
+    be asked for (their views only are made when they are few, all E from one unbind otherwise).
+    """
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, experts: list[int], out: torch.Tensor | None = None):
+        self.shape = w.shape  # [E, N, K]
+        self.packed = packed_for(w)
+        if self.packed is not None:
+            self.mm = self.packed.mm
+            return
+        few = len(experts) * 4 < w.shape[0]
+        self.wt = {e: w[e].t() for e in experts} if few else w.transpose(1, 2).unbind(0)  # [K, N] views
+        self.chunks = column_chunks(x, w, out)
+
+    def mm(self, e: int, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [n, N] = a [n, K] @ w[e].t()."""
+        return expert_mm(a, self.wt[e], out, chunks_for(a.shape[0], self.chunks))
+
+
 def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
     """out[a:b] = expert_ffn(xs[a:b]) through expert e for each block a, b = bounds[e], bounds[e+1] with rows.
@@ -136,9 +158,10 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
       - large batches: expert_ffn_into per expert (its [n, 2F] and [n, F] intermediates stay small, in cache);
       - small batches (gate/up rows [N, 2F] within STAGED_BYTES): every expert's first GEMM into one [N, 2F]
         buffer, one SwiGLU over all of it, then every expert's down GEMM: two calls per expert instead of six;
-      - blocks and weight views from one split / unbind each when most experts have work, one slice per
-        expert with work when few do (decode: E views would cost more than the few experts' GEMMs);
-      - every GEMM through expert_mm (float32 on few rows on a multi-threaded CPU: split by columns).
+      - row blocks from one split when most experts have work, one slice per expert with work when few do
+        (decode: E views would cost more than the few experts' GEMMs);
+      - every GEMM through ExpertGemms: on the weights' packed copies after prepack, else one torch.mm each
+        (float32 on few rows on a multi-threaded CPU: split by columns).
     Either way each row gets the same GEMMs and the same elementwise SwiGLU: the same bits.
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
@@ -146,35 +169,29 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     if needs_grad(xs, w13, w2):  # autograd: out of place per expert, each block sliced as it is written
         for e in active:
             rows = slice(bounds[e], bounds[e + 1])
-            expert_ffn_into(xs[rows], w13[e].t(), w2[e].t(), out[rows])
+            out[rows] = swiglu(xs[rows] @ w13[e].t()) @ w2[e].t()
         return out
     few = len(active) * 4 < E
-    sizes = None if few else [bounds[e + 1] - bounds[e] for e in range(E)]  # [E] rows per expert
-    if few:
-        w13t, w2t = {e: w13[e].t() for e in active}, {e: w2[e].t() for e in active}
-    else:
-        w13t, w2t = w13.transpose(1, 2).unbind(0), w2.transpose(1, 2).unbind(0)  # E views each
 
     def blocks(t: torch.Tensor):  # t's row block of each expert, indexed by e
-        return {e: t[bounds[e]:bounds[e + 1]] for e in active} if few else t.split(sizes)
+        return ({e: t[bounds[e]:bounds[e + 1]] for e in active} if few
+                else t.split([bounds[e + 1] - bounds[e] for e in range(E)]))
 
+    up, down = ExpertGemms(xs, w13, active), ExpertGemms(xs, w2, active, out)
     xb, ob = blocks(xs), blocks(out)
-    p13, p2 = column_chunks(xs, w13), column_chunks(xs, w2, out)  # the column chunks of the up / down GEMMs
-    chunks = {e: (chunks_for(bounds[e + 1] - bounds[e], p13), chunks_for(bounds[e + 1] - bounds[e], p2))
-              for e in active}  # (up, down) per expert, by its rows
     if N * 2 * F * xs.element_size() > STAGED_BYTES:
         for e in active:
-            expert_ffn_into(xb[e], w13t[e], w2t[e], ob[e], chunks[e])
+            expert_ffn_into(e, xb[e], up, down, ob[e])
         return out
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
     hb = blocks(h)
     for e in active:
-        expert_mm(xb[e], w13t[e], hb[e], chunks[e][0])
+        up.mm(e, xb[e], hb[e])
     a = Fn.silu(h[:, :F])  # [N, F]
     a.mul_(h[:, F:])
     ab = blocks(a)
     for e in active:
-        expert_mm(ab[e], w2t[e], ob[e], chunks[e][1])
+        down.mm(e, ab[e], ob[e])
     return out
 
 

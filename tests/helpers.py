@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 
 import moe_ref
 
@@ -22,6 +23,17 @@ def make_case(T, D, F, E, K, *, dtype=torch.float64, seed=0, renormalize=True):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(T, D, generator=g).to(dtype)
     return layer, x
+
+
+@st.composite
+def configs(draw):
+    """(T, D, F, E, K, renormalize, seed): E=1 and K=E, T=0, odd sizes among them."""
+    E = draw(st.sampled_from([1, 2, 3, 8, 16]))
+    K = draw(st.integers(1, E))
+    T = draw(st.sampled_from([0, 1, 2, 7, 33, 64]))
+    D = draw(st.sampled_from([4, 16, 33]))
+    F = draw(st.sampled_from([3, 8, 22]))
+    return T, D, F, E, K, draw(st.booleans()), draw(st.integers(0, 10_000))
 
 
 def hand_routing(ids, weights=None):

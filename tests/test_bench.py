@@ -32,9 +32,12 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
     assert res["threads"] == res["machine"]["torch_threads"] == 1
     rows = [r for r in res["rows"] if r["status"] == "ok"]
     names = {r["provider"] for r in rows}
-    assert {"gemm_only", "loop", "grouped", "grouped_mm"} <= names
-    assert names - {"gemm_only", "loop", "grouped", "grouped_mm"} <= {"hf_eager", "hf_grouped_mm", "hf_batched_mm"}
+    assert {"gemm_only", "loop", "grouped", "grouped_mm", "grouped_plain"} <= names  # packed: grouped_plain too
+    assert names - {"gemm_only", "loop", "grouped", "grouped_mm", "grouped_plain"} <= {
+        "hf_eager", "hf_grouped_mm", "hf_batched_mm"}
     assert "hf_eager" in names  # transformers is a dev dependency: its peers are timed in the same run
+    assert res["prepack"] is True
+    assert {r["provider"] for r in rows if r["weights"] == "packed"} == {"gemm_only", "grouped"}
     bound = next(r for r in rows if r["provider"] == "gemm_only")
     for r in rows:
         assert (r["shape"], r["dtype"], r["tokens"], r["threads"]) == ("cpu-small", "fp32", 4, 1)
@@ -43,7 +46,19 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
         assert r["times_s"] == [r["seconds"]]
     assert [t["target"] for t in res["targets"]] == ["grouped <= 1.0x the best transformers experts implementation"]
     assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
-    assert "torch threads (pinned)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "torch threads (pinned)" in out and "packed once for oneDNN" in out
+
+
+def test_cpu_bench_plain_leaves_the_weights_unpacked(tmp_path, capsys):
+    rc = bench.main(["--shapes", "cpu-small", "--tokens", "2", "--reps", "1", "--dtypes", "bf16", "--threads", "1",
+                     "--malloc", "default", "--peers", "--plain", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    res = json.loads((tmp_path / "cpu.json").read_text())
+    rows = [r for r in res["rows"] if r["status"] == "ok"]
+    assert res["prepack"] is False and {r["weights"] for r in rows} == {"plain"}
+    assert {r["provider"] for r in rows} == {"gemm_only", "loop", "grouped", "grouped_mm"}  # no grouped_plain
+    assert "packed once" not in capsys.readouterr().out
 
 
 KEEP_CHILD = """

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moe_ref
-from helpers import assert_close, hand_routing, make_case
+from helpers import assert_close, configs, hand_routing, make_case
 from moe_ref import grouped
 from moe_ref.grouped import expert_blocks, grouped_steps
 
@@ -22,16 +22,6 @@ def run(layer, x, strategy, routing=None):
         r = routing or layer.route(x.reshape(-1, x.shape[-1]))
         return layer32(x.float(), strategy=strategy, routing=r), torch.float32
     return layer(x, strategy=strategy, routing=routing), x.dtype
-
-
-@st.composite
-def configs(draw):
-    E = draw(st.sampled_from([1, 2, 3, 8, 16]))
-    K = draw(st.integers(1, E))
-    T = draw(st.sampled_from([0, 1, 2, 7, 33, 64]))
-    D = draw(st.sampled_from([4, 16, 33]))
-    F = draw(st.sampled_from([3, 8, 22]))
-    return T, D, F, E, K, draw(st.booleans()), draw(st.integers(0, 10_000))
 
 
 @pytest.mark.parametrize("strategy", TORCH_STRATEGIES)

@@ -2,7 +2,8 @@
 
 Legend: T tokens; JSON results and PNG charts are written under --out.
   cpu    our strategies and transformers' experts implementations on the CPU, against the GEMM-only
-         bound, with the CPU targets met or missed (glibc keeping freed memory unless --malloc default)
+         bound, with the CPU targets met or missed (glibc keeping freed memory unless --malloc default;
+         expert weights prepacked for the grouped strategy and the bound unless --plain)
                                                                               -> cpu.json, cpu.png
   gpu    the device sweep: real MoE shapes x token counts x providers (needs CUDA unless --device cpu)
                                                                               -> gpu.json, gpu_*.png
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--malloc", default="keep", choices=ALLOCATOR_MODES,
                    help="keep: glibc keeps freed memory for reuse, as a caching allocator does (moe_ref.bench.malloc); "
                         "default: the allocator as the process started (recorded either way)")
+    c.add_argument("--plain", action="store_true",
+                   help="do not prepack the expert weights (grouped and the bound on the plain weights too)")
     c.add_argument("--out", default="build/bench")
     c.add_argument("--no-progress", action="store_true")
 
@@ -137,13 +140,13 @@ def cpu_main(args) -> int:
     print(f"bench cpu: {threads} torch threads (pinned), "
           f"{args.reps} interleaved rounds per case; allocator: {alloc}")
     rows = bench_cpu(shapes, args.tokens, args.dtypes, args.strategies, args.peers, args.reps, threads,
-                     not args.no_progress)
+                     not args.no_progress, prepack=not args.plain)
     targets = cpu_targets(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = dict(device_info("cpu"), torch_threads=threads, allocator=alloc)
     result = {"kind": "cpu", "machine": machine, "threads": threads, "shapes": [asdict(s) for s in shapes],
-              "reps": args.reps, "rows": rows, "targets": targets}
+              "reps": args.reps, "prepack": not args.plain, "rows": rows, "targets": targets}
     (out / "cpu.json").write_text(json.dumps(result, indent=2))
     print_table(rows, targets)
     if have_matplotlib():

@@ -5,7 +5,10 @@ The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very ffn_rows loo
 uses) on rows already grouped by expert, with the routing's own expert loads: no routing, permutation,
 gate weights or combine. Every strategy must spend at least that.
 Providers, all on the same weights and the same routing:
-  ours     the registered strategy functions ("loop", "grouped", "grouped_mm", ...), called directly
+  ours     the registered strategy functions ("loop", "grouped", "grouped_mm", ...), called directly;
+           with prepack (the default, where this torch can) the layer's expert weights are packed for oneDNN
+           once per layer (MoELayer.prepack), so "grouped" and the bound run their GEMMs on the packed copies,
+           and "grouped_plain" is the grouped strategy on the plain weights beside them (what packing buys)
   peers    transformers' experts implementations (hf_eager, hf_grouped_mm, hf_batched_mm), where installed;
            hf_batched_mm gathers [T*K, 2F, D] weights, so it is skipped past BATCHED_MM_BYTES
 All providers of one (shape, dtype, T) run interleaved through timing.time_cpu with a pinned thread count;
@@ -22,18 +25,20 @@ import torch
 from ..config import MoEConfig
 from ..grouped import ffn_rows
 from ..layer import MoELayer
+from ..packing import prepack_unsupported
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
 from .timing import BUSY, distrust, paired_ratio, progress, time_cpu
 
 __all__ = ["bench_cpu", "gemm_only", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
-           "BATCHED_MM_BYTES"]
+           "BATCHED_MM_BYTES", "PLAIN"]
 
 CPU_STRATEGIES = ("loop", "grouped", "grouped_mm")
 CPU_PEERS = ("hf_eager", "hf_grouped_mm", "hf_batched_mm")
 BATCHED_MM_BYTES = 1 << 30  # hf_batched_mm's gathered weights above this are not timed (memory, minutes)
 BOUND = "gemm_only"
+PLAIN = "grouped_plain"  # the grouped strategy on the plain (unpacked) weights, timed when the layer is packed
 
 
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
@@ -58,6 +63,9 @@ def _providers(layer: MoELayer, x: torch.Tensor, r, strategies, peers, shape: Sh
     for s in strategies:
         fn = get_strategy(s)
         fns[s] = lambda fn=fn: fn(x, r, layer.w13, layer.w2)
+    if "grouped" in strategies and layer.prepacked:  # other tensor objects on the same storage: not packed
+        w13, w2, fn = layer.w13.detach(), layer.w2.detach(), get_strategy("grouped")
+        fns[PLAIN] = lambda: fn(x, r, w13, w2)
     hf = hf_experts_providers(layer) if peers else {}
     for p in peers:
         impl = hf.get(p.removeprefix("hf_"))
@@ -72,13 +80,15 @@ def _providers(layer: MoELayer, x: torch.Tensor, r, strategies, peers, shape: Sh
 
 
 def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU_PEERS, reps: int = 7,
-              threads: int | None = None, progress_bar: bool = True, clock=None) -> list[dict]:
+              threads: int | None = None, progress_bar: bool = True, clock=None, prepack: bool = True) -> list[dict]:
     """Rows {shape, dtype, tokens, provider, status, seconds (median), iqr_s, ratio_to_bound, threads, times_s,
-    warning?}. ratio_to_bound is paired (timing.paired_ratio: the median of the per-round ratios); times_s the
-    per-round seconds.
+    weights, warning?}. ratio_to_bound is paired (timing.paired_ratio: the median of the per-round ratios);
+    times_s the per-round seconds; weights "packed" where the provider's GEMMs read the packed copies (the grouped
+    strategy and the bound on a packed layer), else "plain".
 
     shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
     pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
+    prepack: pack each layer's expert weights (MoELayer.prepack) where packing.prepack_unsupported allows.
     """
     shapes = [shapes] if isinstance(shapes, Shape) else list(shapes)
     jobs = [(sh, dt, T) for sh in shapes for dt in dtypes for T in token_counts]
@@ -90,6 +100,8 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             layer = None
             cfg = MoEConfig(sh.d_model, sh.d_ff, sh.num_experts, sh.top_k)
             layer, layer_key = MoELayer(cfg, dtype=dtype, seed=0), (sh.name, dt_name)
+            if prepack and prepack_unsupported(layer.w13) is None:
+                layer.prepack()
         x = torch.randn(T, sh.d_model, generator=torch.Generator().manual_seed(T)).to(dtype)  # [T, D]
         with torch.inference_mode():
             r = layer.route(x)
@@ -99,9 +111,11 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
                              threads=threads, clock=clock)
         flags = distrust(times, BOUND)
         base = dict(shape=sh.name, dtype=dt_name, tokens=T)
+        packed = {BOUND, "grouped"} if layer.prepacked else set()
         for name, t in times.items():
             row = dict(base, provider=name, status="ok", seconds=t["median_s"], iqr_s=t["iqr_s"],
-                       ratio_to_bound=paired_ratio(t, times[BOUND]), threads=t["threads"], times_s=t["times_s"])
+                       ratio_to_bound=paired_ratio(t, times[BOUND]), threads=t["threads"], times_s=t["times_s"],
+                       weights="packed" if name in packed else "plain")
             if name in flags:
                 row["warning"] = flags[name]
             rows.append(row)
@@ -146,6 +160,9 @@ def _timing(row: dict) -> dict:
 
 def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
     """One line per row: ms (median +- IQR/2) and the ratio to the GEMM-only bound; then the targets."""
+    if any(r.get("weights") == "packed" for r in rows):
+        print(f"weights: grouped and {BOUND} run on the expert weights packed once for oneDNN (MoELayer.prepack); "
+              f"{PLAIN} and every other provider on the plain weights")
     print(f"{'shape':10} {'dtype':5} {'T':>5} {'provider':14} {'ms':>10} {'+-':>7} {'x bound':>8}")
     for r in rows:
         head = f"{r['shape']:10} {r['dtype']:5} {r['tokens']:5d} {r['provider']:14}"

@@ -69,7 +69,7 @@ def plot_bench_cpu(result: dict) -> Figure:
 
 PROVIDER_STYLE = {  # provider -> (color, marker); unknown providers get matplotlib's cycle
     "triton": ("#d62728", "o"), "triton_graph": ("#ff7f0e", "*"), "grouped_mm": ("#1f77b4", "s"),
-    "grouped": ("#2ca02c", "^"),
+    "grouped": ("#2ca02c", "^"), "grouped_plain": ("#98df8a", "^"),
     "loop": ("#7f7f7f", "v"), "hf_eager": ("#9467bd", "x"), "hf_grouped_mm": ("#17becf", "D"),
     "hf_batched_mm": ("#bcbd22", "P"),
 }
