@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 GROUPING_METHODS = ("argsort", "counting")
@@ -53,6 +54,19 @@ class DispatchPlan:
         return torch.repeat_interleave(torch.arange(self.num_experts, device=self.counts.device), self.counts)
 
 
+def stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.sort(key, stable=True) of a 1-D integer key: (sorted keys, order), the same on every path.
+
+    On the CPU, 16-bit keys are sorted by numpy's stable argsort, a radix sort: torch's CPU sort takes a comparison
+    sort below ~16k elements (measured on this project's 2-core dev machine: 8,192 int16 keys in ~280 µs against
+    ~30 µs; at 32,768 both radix-sort, 160 µs against 120 µs). A stable sort has one answer: both give the same order.
+    """
+    if key.device.type == "cpu" and key.dtype == torch.int16 and key.dim() == 1:
+        order = torch.from_numpy(np.argsort(key.numpy(), kind="stable"))  # [S] int64
+        return key.index_select(0, order), order
+    return torch.sort(key, stable=True)
+
+
 def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "argsort") -> DispatchPlan:
     """Build the DispatchPlan for topk_ids [T, K] (entries -1 are dropped and skipped)."""
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
@@ -79,7 +93,7 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         # in the narrowest integer type that holds E (a stable sort of int16 keys is ~3x faster than of int64)
         key_dtype = torch.int16 if num_experts < 2**15 else torch.int64
         key = (torch.where(valid, flat, num_experts) if dropping else flat).to(key_dtype)
-        expert_sorted, order = torch.sort(key, stable=True)  # [S] each
+        expert_sorted, order = stable_sort(key)  # [S] each
         sorted_slots = order[:N]  # [N]
         block_start = offsets.index_select(0, expert_sorted[:N].long())  # [N] first row of each row's expert
         rank = torch.full((S,), -1, dtype=torch.long, device=dev) if dropping else torch.empty_like(slots)
@@ -95,6 +109,8 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         sorted_slots[dest[valid]] = slots[valid]  # scatter
     inverse = torch.full((S,), -1, dtype=torch.long, device=dev) if dropping else torch.empty_like(slots)
     inverse.scatter_(0, sorted_slots, slots[:N])  # every slot is written unless some are dropped
+    k = max(K, 1)  # a power of two divides by a shift (integer division has no vector instructions: ~10x slower)
+    token_ids = sorted_slots >> (k.bit_length() - 1) if k & (k - 1) == 0 else sorted_slots // k  # [N]
     return DispatchPlan(counts=counts, offsets=offsets, sorted_slots=sorted_slots,
-                        token_ids=sorted_slots // max(K, 1), inverse=inverse, rank=rank,
+                        token_ids=token_ids, inverse=inverse, rank=rank,
                         num_tokens=T, top_k=K)

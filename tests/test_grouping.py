@@ -53,6 +53,26 @@ def test_argsort_and_counting_sort_agree(case):
         assert torch.equal(getattr(a, f), getattr(c, f)), f
 
 
+@given(st.integers(0, 20_000), st.integers(1, 2**15 - 1), st.sampled_from([torch.int16, torch.int32, torch.int64]),
+       st.integers(0, 10_000))
+def test_stable_sort_matches_torch(S, E, dtype, seed):
+    """The CPU fast path (numpy's radix sort of int16 keys) and torch's stable sort give the same order."""
+    from moe_ref.grouping import stable_sort
+    key = torch.randint(0, E, (S,), generator=torch.Generator().manual_seed(seed)).to(dtype)
+    got, order = stable_sort(key)
+    want, want_order = torch.sort(key, stable=True)
+    assert got.dtype == dtype and order.dtype == torch.int64
+    assert torch.equal(got, want) and torch.equal(order, want_order)
+
+
+def test_stable_sort_under_inference_mode():
+    from moe_ref.grouping import stable_sort
+    with torch.inference_mode():
+        key = torch.tensor([3, 1, 3, 0, 1], dtype=torch.int16)
+        got, order = stable_sort(key)
+    assert order.tolist() == [3, 1, 4, 0, 2] and got.tolist() == [0, 1, 1, 3, 3]
+
+
 @given(routings())
 def test_permute_unpermute_roundtrip(case):
     ids, E = case
