@@ -5,9 +5,10 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
               then the weighted combine (unpermute: one fused gather-weight-sum).
               `grouped_steps` runs the same steps and returns every intermediate (plan, xs, ys, y);
               `ffn_rows` is the one per-expert loop both use, on the blocks `expert_blocks` names; each of its
-              GEMMs goes through `ExpertGemms`: on the weight's packed copy when prepack made one
-              (moe_ref.packing, CPU), else `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with
-              few rows, one torch.bmm over column chunks of the weight, so that every core gets a share).
+              GEMMs goes through `ExpertGemms`: after prepack (moe_ref.packing, CPU) by the method timed fastest
+              for its row count (moe_ref.cpu_gemm: torch.mm, a column split, or the packed copy), else
+              `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows, one torch.bmm over
+              column chunks of the weight, so that every core gets a share).
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -15,12 +16,14 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
 
+from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn
 from .grouping import DispatchPlan, group_by_expert
 from .packing import packed_for
 from .permute import permute, unpermute
@@ -73,79 +76,90 @@ def expert_ffn_into(e: int, xe: torch.Tensor, up: ExpertGemms, down: ExpertGemms
     return down.mm(e, a, out)  # [n, D]
 
 
-SPLIT_ROWS = 256  # float32 CPU GEMMs on at most this many rows run as column chunks (expert_mm)
-SPLIT_MIN_COLS = 64  # the narrowest column chunk expert_mm makes
-SPLIT_DTYPES = (torch.float32,)
-
-
-def column_chunks(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> int:
-    """How many column chunks expert_mm may split a GEMM rows-of-x [n, K] @ w[e].t() into (1: one torch.mm),
-    for expert weights w [E, N, K] and (when given) the buffer `out` whose row blocks take the products.
-
-    More than one only on a CPU with torch threads > 1, in a SPLIT_DTYPES dtype, w and out contiguous: the largest
-    P of 64, 32, ..., 2 with P <= 4 x threads that divides N into chunks of >= SPLIT_MIN_COLS columns. It holds for
-    blocks of at most SPLIT_ROWS rows (chunks_for says which); decided once per call of ffn_rows, as it costs
-    µs that a loop over many experts would pay on every GEMM.
-    """
-    threads = torch.get_num_threads()
-    if (threads < 2 or x.device.type != "cpu" or x.dtype not in SPLIT_DTYPES or not w.is_contiguous()
-            or (out is not None and not out.is_contiguous())):
-        return 1
-    N = w.shape[1]
-    return next((p for p in (64, 32, 16, 8, 4, 2)
-                 if p <= 4 * threads and N % p == 0 and N // p >= SPLIT_MIN_COLS), 1)
-
-
-def chunks_for(rows: int, chunks: int) -> int:
-    """The column chunks for a block of `rows` rows: `chunks` (column_chunks) up to SPLIT_ROWS rows, else 1."""
-    return chunks if rows <= SPLIT_ROWS else 1
-
-
-def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-    """out [n, N] = a [n, K] @ wt [K, N], one expert's GEMM on a plain weight; wt is the transpose of its [N, K]
-    weight (a view).
-
-    chunks == 1: one torch.mm. chunks = P > 1 (column_chunks and chunks_for decide; N divisible by P, the weight
-    and out contiguous): one torch.bmm over the weight's N output columns as P chunks [P, K, N/P] (a view: no
-    weight copy), its [P, n, N/P] result copied into out's columns (n x N elements: small beside the weight).
-    Why: MKL's float32 GEMM keeps a product with few rows on one thread (on this project's 2-core dev machine,
-    torch.mm of 1 row by a [4096, 1024] weight takes about 1.2-1.3 ms with 1 thread or 2, as a bmm over 4 column
-    chunks 0.6 ms on 2), so at decode one core reads the expert's weights while the other waits; torch.bmm shares
-    its batch among the threads. bfloat16 and float16 GEMMs (oneDNN) share small products among the threads
-    themselves and gain nothing from a split. A split gives each output element the same products, but the GEMM
-    kernel may sum them in another order: equal to one torch.mm within float32 rounding, not always bit for bit.
-    """
-    if chunks == 1:
-        return torch.mm(a, wt, out=out)
-    n, K = a.shape
-    C = wt.shape[1] // chunks
-    t = torch.bmm(a.expand(chunks, n, K), wt.t().view(chunks, C, K).transpose(1, 2))  # [P, n, C]
-    out.view(n, chunks, C).copy_(t.transpose(0, 1))
-    return out
-
-
 class ExpertGemms:
     """How one call of ffn_rows runs the GEMMs a [n, K] @ w[e].t() of one weight stack w [E, N, K]: mm(e, a, out).
 
-    On the packed copy when prepack made one for w (moe_ref.packing: oneDNN's blocked layout, read at memory speed
-    at decode), else expert_mm on the plain weight's transposed view, split by columns where column_chunks allows.
-    Decided once per call (the few µs of the decision are not paid per expert). `experts`: the experts that will
-    be asked for (their views only are made when they are few, all E from one unbind otherwise).
+    After prepack (moe_ref.packing), by the method its timing chose for n rows (cpu_gemm.GemmChoice: one torch.mm,
+    a column split, or the packed copy in oneDNN's blocked layout); without it, expert_mm on the plain weight's
+    transposed view, split by columns where column_chunks allows and n <= SPLIT_ROWS. Decided once per call (the
+    few µs of the decision are not paid per expert). `experts`: the experts that will be asked for (their views
+    only are made when they are few, all E from one unbind otherwise).
     """
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, experts: list[int], out: torch.Tensor | None = None):
         self.shape = w.shape  # [E, N, K]
         self.packed = packed_for(w)
-        if self.packed is not None:
-            self.mm = self.packed.mm
+        self.choice = None if self.packed is None else self.packed.choice
+        if self.choice is not None and self.choice.threads not in (0, torch.get_num_threads()):
+            _warn_threads(self.packed)
+        if self.choice is not None and self.choice.methods == ("packed",) * len(self.choice.methods):
+            self.mm = self.packed.mm  # every row count on the packed copy
             return
-        few = len(experts) * 4 < w.shape[0]
-        self.wt = {e: w[e].t() for e in experts} if few else w.transpose(1, 2).unbind(0)  # [K, N] views
+        self._w, self._experts, self._wt = w, experts, None
         self.chunks = column_chunks(x, w, out)
+
+    @property
+    def wt(self):
+        """The [K, N] transposed views of the experts asked for, made on first use (a loop in C++ needs none)."""
+        if self._wt is None:
+            w, experts = self._w, self._experts
+            few = len(experts) * 4 < w.shape[0]
+            self._wt = {e: w[e].t() for e in experts} if few else w.transpose(1, 2).unbind(0)
+        return self._wt
+
+    def all_mm(self, sizes: list[int]) -> bool:
+        """True when the GEMM of a block of every one of these row counts is one plain torch.mm (then a loop of them
+        may run inside torch's grouped GEMM: torch_grouped_gemms)."""
+        if self.choice is None:
+            return self.chunks == 1 or min(sizes) > SPLIT_ROWS
+        return self.choice.all_mm(sizes)
 
     def mm(self, e: int, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [n, N] = a [n, K] @ w[e].t()."""
-        return expert_mm(a, self.wt[e], out, chunks_for(a.shape[0], self.chunks))
+        n = a.shape[0]
+        if self.choice is None:
+            return expert_mm(a, self.wt[e], out, chunks_for(n, self.chunks))
+        method = self.choice.method_for(n)
+        if method == "packed":
+            return self.packed.mm(e, a, out)
+        return expert_mm(a, self.wt[e], out, self.chunks if method == "split" else 1)
+
+
+CPP_LOOP = True  # small batches of plain torch.mm GEMMs may loop over the experts in torch's grouped GEMM (C++)
+
+
+def torch_loop_fits(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether torch_grouped_gemms can run these operands: a CPU torch with a grouped GEMM, a dtype it takes,
+    row strides and data pointers on 16-byte boundaries (its operand rule), out contiguous."""
+    elt = xs.element_size()
+    return (xs.device.type == "cpu" and xs.dtype in GROUPED_MM_DTYPES and grouped_mm_fn() is not None
+            and w13.is_contiguous() and w2.is_contiguous() and xs.is_contiguous() and out.is_contiguous()
+            and (xs.shape[1] * elt) % 16 == 0 and (w2.shape[2] * elt) % 16 == 0
+            and xs.data_ptr() % 16 == 0 and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0)
+
+
+def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+    """ffn_rows's small-batch steps (every expert's up GEMM, one SwiGLU, every down GEMM) with each loop of plain
+    torch.mm GEMMs in one call of torch's grouped GEMM: on the CPU it runs the same torch.mm on each expert's block,
+    from C++ (the same bits; ~3 µs of Python saved per GEMM, ~0.3-0.6 ms per call at decode with E=64). It visits
+    every one of the E groups, empty ones included (~3 µs each), so ffn_rows uses it when most experts have rows.
+    """
+    F = w2.shape[2]
+    gmm, offs = grouped_mm_fn(), torch.tensor(bounds[1:], dtype=torch.int32)  # [E] end row of each block
+    h = gmm(xs, w13.transpose(1, 2), offs=offs)  # [N, 2F]: gate | up
+    a = Fn.silu(h[:, :F])  # [N, F]
+    a.mul_(h[:, F:])
+    return out.copy_(gmm(a, w2.transpose(1, 2), offs=offs))  # [N, D]
+
+
+def _warn_threads(packed) -> None:
+    if not packed.warned_threads:
+        packed.warned_threads = True
+        warnings.warn(f"the GEMMs of an expert weight {list(packed.shape)} were timed by prepack with "
+                      f"{packed.choice.threads} torch threads and now run with {torch.get_num_threads()}: the choice "
+                      "may no longer be the fastest; call prepack again (MoELayer.prepack())", RuntimeWarning,
+                      stacklevel=4)
 
 
 def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
@@ -160,9 +174,12 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
         buffer, one SwiGLU over all of it, then every expert's down GEMM: two calls per expert instead of six;
       - row blocks from one split when most experts have work, one slice per expert with work when few do
         (decode: E views would cost more than the few experts' GEMMs);
-      - every GEMM through ExpertGemms: on the weights' packed copies after prepack, else one torch.mm each
-        (float32 on few rows on a multi-threaded CPU: split by columns).
-    Either way each row gets the same GEMMs and the same elementwise SwiGLU: the same bits.
+      - small batches where at least 3/4 of the experts have rows and every GEMM is a plain torch.mm: the two
+        loops of GEMMs inside torch's grouped GEMM (torch_grouped_gemms: the same torch.mm per block, from C++);
+      - every GEMM through ExpertGemms: by the method prepack timed fastest for its row count (torch.mm, a column
+        split or the packed copy), else one torch.mm each (float32 on few rows, several threads: split by columns).
+    Either way each row gets its expert's GEMMs and the same elementwise SwiGLU (the same bits for the same
+    methods; another method sums the same products in another order).
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
     active = _active(bounds)
@@ -171,6 +188,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
             rows = slice(bounds[e], bounds[e + 1])
             out[rows] = swiglu(xs[rows] @ w13[e].t()) @ w2[e].t()
         return out
+    if not active:
+        return out  # no rows
     few = len(active) * 4 < E
 
     def blocks(t: torch.Tensor):  # t's row block of each expert, indexed by e
@@ -178,11 +197,16 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
                 else t.split([bounds[e + 1] - bounds[e] for e in range(E)]))
 
     up, down = ExpertGemms(xs, w13, active), ExpertGemms(xs, w2, active, out)
-    xb, ob = blocks(xs), blocks(out)
     if N * 2 * F * xs.element_size() > STAGED_BYTES:
+        xb, ob = blocks(xs), blocks(out)
         for e in active:
             expert_ffn_into(e, xb[e], up, down, ob[e])
         return out
+    sizes = [bounds[e + 1] - bounds[e] for e in active]
+    if (CPP_LOOP and 4 * len(active) >= 3 * E and torch_loop_fits(xs, w13, w2, out) and up.all_mm(sizes)
+            and down.all_mm(sizes)):  # torch's loop visits all E groups: worth it when most have rows
+        return torch_grouped_gemms(xs, bounds, w13, w2, out)
+    xb, ob = blocks(xs), blocks(out)
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
     hb = blocks(h)
     for e in active:
@@ -229,14 +253,6 @@ def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor
     # outside autograd each expert's output overwrites its own input block: one [N, D] buffer, not two
     ys = grouped_ffn(xs, plan, w13, w2, out=None if needs_grad(x, w13, w2) else xs)  # [N, D]
     return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
-
-
-def grouped_mm_fn():
-    """torch's grouped GEMM, or None when this torch has none."""
-    return getattr(Fn, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _pad_to(n: int, multiple: int) -> int:

@@ -131,17 +131,24 @@ class MoELayer(nn.Module):
         c = self.cfg
         return f"D={c.d_model}, F={c.d_ff}, E={c.num_experts}, K={c.top_k}, renormalize={c.renormalize}"
 
-    def prepack(self) -> MoELayer:
+    def prepack(self, tune: bool = True) -> MoELayer:
         """Pack the expert weights once for the grouped strategy's CPU GEMMs (moe_ref.packing); returns self.
 
-        Costs a second copy of w13 and w2 (oneDNN's blocked layout); the grouped strategy's expert GEMMs then
-        read that copy (at decode about twice as fast on the development machine). A change to the weights made
+        Costs a second copy of w13 and w2 (oneDNN's blocked layout) and, with tune (the default), a moment of timing:
+        the plain and packed GEMMs are timed on each weight at a few row counts and the faster is used per row
+        count (`gemm_choices()` shows the choice; tune=False: always the packed copy). A change to the weights made
         in place afterwards makes the copy stale: the next call warns and uses the plain weights, unless the
         change went through `.data`, which nothing can see: call prepack() again after changing the weights.
         ValueError where the weights cannot be packed (not on the CPU, not float32/bfloat16, no oneDNN).
         """
-        prepack(self.w13, self.w2)
+        prepack(self.w13, self.w2, tune=tune)
         return self
+
+    def gemm_choices(self) -> dict[str, dict]:
+        """{"w13": ..., "w2": ...}: per timed row count, the GEMM method prepack() chose and the medians it saw
+        (cpu_gemm.GemmChoice.as_dict); {} when the layer is not prepacked."""
+        p13, p2 = packed_for(self.w13), packed_for(self.w2)
+        return {} if p13 is None or p2 is None else {"w13": p13.choice.as_dict(), "w2": p2.choice.as_dict()}
 
     def unpack(self) -> MoELayer:
         """Drop the packed copies prepack() made (the plain weights are used again); returns self."""

@@ -8,11 +8,15 @@ weight takes ~0.65-0.8 ms with torch.mm and ~0.3-0.4 ms on the packed weight (me
 pack weights once, when a model is loaded (IPEX, oneDNN graph, torch.compile's freezing, llama.cpp's repacking).
 
 prepack(w13, w2) packs every expert of the given weight stacks and remembers them; the grouped strategy's GEMMs
-(grouped.ffn_rows) then run on the packed copies for those very tensors. Packing is explicit (MoELayer.prepack())
-because it costs a second copy of the expert weights and because a packed copy does not follow changes made to
-the weights afterwards: a change made through the tensor (an in-place op, load_state_dict, copy_ under no_grad)
-bumps its version counter, so the next call finds the copy stale, warns and uses the plain weights; a change made
-through `.data` bypasses that counter and is not seen: call prepack again after it.
+(grouped.ffn_rows) then run on the packed copies for those very tensors. Packing does not pay everywhere (oneDNN has
+a fixed cost per call that a small float32 GEMM on few rows never earns back on some machines), so by default
+prepack also times the plain and packed GEMMs on the weight itself at a few row counts (moe_ref.cpu_gemm) and keeps
+the fastest for each (`PackedWeight.choice`); where the packed copy never wins it is not kept. tune=False packs
+and always uses the packed copy. Packing is explicit (MoELayer.prepack()) because it costs a second copy of the
+expert weights and a moment of timing, and because a packed copy does not follow changes made to the weights
+afterwards: a change made through the tensor (an in-place op, load_state_dict, copy_ under no_grad) bumps its
+version counter, so the next call finds the copy stale, warns and uses the plain weights; a change made through
+`.data` bypasses that counter and is not seen: call prepack again after it (and after changing torch's threads).
 Packed GEMMs give each output the same products as torch.mm, summed in another order: equal within rounding.
 """
 
@@ -22,6 +26,8 @@ import warnings
 import weakref
 
 import torch
+
+from .cpu_gemm import GemmChoice, choose_gemms, fixed_choice, packed_linear
 
 __all__ = ["PACK_DTYPES", "PackedWeight", "prepack", "unpack", "packed_for", "prepack_unsupported"]
 
@@ -56,34 +62,48 @@ def prepack_unsupported(w: torch.Tensor) -> str | None:
 
 
 class PackedWeight:
-    """The packed copies of one expert weight stack w [E, N, K]: mm(e, a [n, K], out [n, N]) = a @ w[e].t()."""
+    """The prepared copies of one expert weight stack w [E, N, K] and the GEMM method to use per row count.
 
-    def __init__(self, w: torch.Tensor):
+    choice: a cpu_gemm.GemmChoice, timed on w (tune=True; `measure` replaces the timer, for tests) or "packed"
+    everywhere (tune=False). experts: E opaque oneDNN tensors, [N, K] each, in its blocked layout, for mm(e, a, out);
+    None where the choice never uses them (the plain weight is faster at every row count: no second copy).
+    """
+
+    def __init__(self, w: torch.Tensor, tune: bool = True, measure=None):
         why = prepack_unsupported(w)
         if why is not None:
             raise ValueError(f"cannot prepack this weight: {why}")
         self.stamp = _stamp(w)
         self.shape = tuple(w.shape)  # [E, N, K]
         with torch.no_grad():
-            self.experts = tuple(torch.ops.mkldnn._reorder_linear_weight(w[e].contiguous(), None)
-                                 for e in range(w.shape[0]))  # E opaque oneDNN tensors, [N, K] each
+            experts = tuple(torch.ops.mkldnn._reorder_linear_weight(w[e].contiguous(), None)
+                            for e in range(w.shape[0]))  # E opaque oneDNN tensors, [N, K] each
+        self.choice: GemmChoice = choose_gemms(w, experts, measure=measure) if tune else fixed_choice("packed")
+        self.experts = experts if self.choice.uses_packed else None
+        self.warned_threads = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed copy (counted at the plain weight's size; 0 when not kept)."""
+        E, N, K = self.shape
+        return E * N * K * self.stamp[3].itemsize if self.experts is not None else 0
 
     def fresh_for(self, w: torch.Tensor) -> bool:
         """True while w is the tensor this copy was packed from, unchanged through its version counter."""
         return _stamp(w) == self.stamp
 
     def mm(self, e: int, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out [n, N] = a [n, K] @ w[e].t() on the packed copy (a new [n, N] product copied into out)."""
-        y = torch.ops.mkldnn._linear_pointwise(a if a.is_contiguous() else a.contiguous(), self.experts[e],
-                                               None, "none", [], "")  # [n, N]
-        return out.copy_(y)
+        """out [n, N] = a [n, K] @ w[e].t() on the oneDNN-packed copy (a new [n, N] product copied into out)."""
+        return packed_linear(a, self.experts[e], out)
 
 
-def prepack(*weights: torch.Tensor) -> None:
+def prepack(*weights: torch.Tensor, tune: bool = True, measure=None) -> None:
     """Pack each expert weight stack (w13 [E, 2F, D], w2 [E, D, F]) for the grouped strategy's CPU GEMMs.
 
-    Replaces an earlier pack of the same tensor. ValueError (naming the weight) where one cannot be packed:
-    not on the CPU, not float32/bfloat16, an inference tensor, or no oneDNN in this torch (prepack_unsupported).
+    tune: time the plain and packed GEMMs on each weight and use the faster per row count (PackedWeight.choice);
+    False: always the packed copy. `measure` replaces the timer (cpu_gemm.time_gemms; tests). Replaces an earlier
+    pack of the same tensor. ValueError (naming the weight) where one cannot be packed: not on the CPU, not
+    float32/bfloat16, an inference tensor, or no oneDNN in this torch (prepack_unsupported).
     """
     for i, w in enumerate(weights):
         why = prepack_unsupported(w)
@@ -93,7 +113,7 @@ def prepack(*weights: torch.Tensor) -> None:
         key = id(w)
         if key not in _PACKS:
             weakref.finalize(w, _PACKS.pop, key, None)  # the entry goes with the tensor (ids are reused)
-        _PACKS[key] = PackedWeight(w)
+        _PACKS[key] = PackedWeight(w, tune=tune, measure=measure)
 
 
 def unpack(*weights: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import torch
 from helpers import cpu_sweep
 from moe_ref import bench
 from moe_ref.bench import Shape, cli, malloc, providers, results, sweep, targets, timing
+from moe_ref.cpu_gemm import GEMM_METHODS
 from moe_ref.plots import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,8 +47,13 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
         assert r["times_s"] == [r["seconds"]]
     assert [t["target"] for t in res["targets"]] == ["grouped <= 1.0x the best transformers experts implementation"]
     assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+    methods = bound["gemm_methods"]  # what prepack timed fastest, per weight and row count
+    assert set(methods) == {"w13", "w2"}
+    assert all(set(m.values()) <= set(GEMM_METHODS) for m in methods.values())
+    assert not any("gemm_methods" in r for r in rows if r["provider"] != "gemm_only")
     out = capsys.readouterr().out
     assert "torch threads (pinned)" in out and "packed once for oneDNN" in out
+    assert "cpu-small fp32: w13 1:" in out and "; w2 1:" in out
 
 
 def test_cpu_bench_plain_leaves_the_weights_unpacked(tmp_path, capsys):
@@ -58,6 +64,7 @@ def test_cpu_bench_plain_leaves_the_weights_unpacked(tmp_path, capsys):
     rows = [r for r in res["rows"] if r["status"] == "ok"]
     assert res["prepack"] is False and {r["weights"] for r in rows} == {"plain"}
     assert {r["provider"] for r in rows} == {"gemm_only", "loop", "grouped", "grouped_mm"}  # no grouped_plain
+    assert not any("gemm_methods" in r for r in rows)
     assert "packed once" not in capsys.readouterr().out
 
 

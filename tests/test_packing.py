@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import moe_ref
 from helpers import assert_close, configs, make_case
-from moe_ref import grouped, packing
+from moe_ref import cpu_gemm, grouped, packing
+from moe_ref.cpu_gemm import GemmChoice
 from moe_ref.grouped import ExpertGemms, grouped_steps
 
 pytestmark = pytest.mark.skipif(packing.prepack_unsupported(torch.empty(1, 1, 1)) is not None,
@@ -43,7 +44,7 @@ def packed_calls(monkeypatch):
 def test_grouped_on_packed_weights_matches_reference(cfg, staged, dtype):
     T, D, F, E, K, renorm, seed = cfg
     layer, x = make_case(T, D, F, E, K, seed=seed, renormalize=renorm)
-    low = low_copy(layer, dtype).prepack()
+    low = low_copy(layer, dtype).prepack(tune=False)
     r = layer.route(x)
     with pytest.MonkeyPatch.context() as mp:
         if not staged:
@@ -63,7 +64,7 @@ def test_packed_gemms_run_every_expert_with_work_and_equal_the_plain_ones(packed
     r = layer.route(x)
     plain = grouped_steps(x, r, layer.w13, layer.w2)
     assert packed_calls == []  # not packed: torch.mm
-    layer.prepack()
+    layer.prepack(tune=False)
     assert layer.prepacked
     s = grouped_steps(x, r, layer.w13, layer.w2)
     active = [e for e, _ in grouped.expert_blocks(s.plan)]
@@ -80,7 +81,7 @@ def test_packed_gemms_run_every_expert_with_work_and_equal_the_plain_ones(packed
 def test_a_change_in_place_makes_the_packed_copy_stale(packed_calls):
     layer, x = make_case(9, 16, 8, 4, 2, seed=2, dtype=torch.float32)
     r = layer.route(x)
-    layer.prepack()
+    layer.prepack(tune=False)
     with torch.no_grad():
         layer.w13.mul_(2)  # through the tensor: its version counter moves
     want = moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double())
@@ -101,7 +102,7 @@ def test_a_change_in_place_makes_the_packed_copy_stale(packed_calls):
 def test_a_change_through_data_is_not_seen_until_prepack_again():
     layer, x = make_case(9, 16, 8, 4, 2, seed=2, dtype=torch.float32)
     r = layer.route(x)
-    layer.prepack()
+    layer.prepack(tune=False)  # the packed copy answers every GEMM
     before = GROUPED(x, r, layer.w13, layer.w2).y
     layer.w13.data.mul_(2)  # .data bypasses the version counter: documented, the copy still answers
     assert layer.prepacked and torch.equal(GROUPED(x, r, layer.w13, layer.w2).y, before)
@@ -129,7 +130,7 @@ def test_autograd_uses_the_plain_weights(packed_calls):
     layer, x = make_case(7, 16, 8, 4, 2, seed=5, dtype=torch.float32)
     r = layer.route(x)
     w13 = layer.w13.detach().clone().requires_grad_(True)
-    moe_ref.prepack(w13, layer.w2)
+    moe_ref.prepack(w13, layer.w2, tune=False)
     y = GROUPED(x, r, w13, layer.w2).y
     y.sum().backward()
     assert w13.grad is not None and w13.grad.abs().sum() > 0
@@ -139,7 +140,7 @@ def test_autograd_uses_the_plain_weights(packed_calls):
 def test_expert_gemms_choose_packed_or_plain():
     x, w = torch.randn(3, 16), torch.randn(4, 24, 16)
     assert ExpertGemms(x, w, [0, 1]).packed is None
-    moe_ref.prepack(w)
+    moe_ref.prepack(w, tune=False)
     g = ExpertGemms(x, w, [0, 1])
     out = torch.empty(3, 24)
     assert g.packed is not None and g.mm(1, x, out) is out
@@ -168,3 +169,141 @@ def test_prepack_refuses_inference_tensors_and_the_layer_says_why():
     with pytest.raises(ValueError, match="weight 0 .*float64"):
         layer.prepack()
     assert not layer.prepacked
+
+
+def fake_measure(pick):
+    """A measure for choose_gemms that times nothing: pick(n, candidates) names the winner at n rows (n is the
+    rows of the GEMM that the first call of a candidate runs)."""
+    def measure(fns, rounds):
+        calls = []
+        with pytest.MonkeyPatch.context() as mp:
+            real = torch.mm
+            mp.setattr(torch, "mm", lambda a, b, **kw: calls.append(a.shape[0]) or real(a, b, **kw))
+            fns["mm"]()
+        winner = pick(calls[0], sorted(fns))
+        return {k: (1.0 if k == winner else 2.0) for k in fns}
+    return measure
+
+
+def test_gemm_choice_takes_the_nearest_timed_row_count_on_a_log_scale():
+    c = GemmChoice((1, 4, 16, 64), ("mm", "packed", "split", "mm"))
+    assert [c.method_for(n) for n in (0, 1, 2, 3, 4, 7, 8, 9, 31, 32, 33, 10_000)] == [
+        "mm", "mm", "mm", "packed", "packed", "packed", "packed", "split", "split", "split", "mm", "mm"]
+    assert c.uses_packed and not GemmChoice((1,), ("mm",)).uses_packed
+    with pytest.raises(ValueError, match="unknown GEMM method"):
+        GemmChoice((1,), ("fast",))
+    with pytest.raises(ValueError, match="increasing"):
+        GemmChoice((4, 1), ("mm", "mm"))
+    with pytest.raises(ValueError, match="increasing"):
+        GemmChoice((1, 4), ("mm",))
+
+
+def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
+    w = torch.randn(6, 24, 16)
+    packed = packing.PackedWeight(w, tune=False).experts
+    seen = []
+
+    def measure(fns, rounds):
+        seen.append(sorted(fns))
+        mm = []
+        with pytest.MonkeyPatch.context() as mp:
+            real = torch.mm
+            mp.setattr(torch, "mm", lambda a, b, **kw: mm.append(b.data_ptr()) or real(a, b, **kw))
+            fns["mm"]()
+        assert len(set(mm)) == len(mm) == 6  # one GEMM per expert: small weights are read from memory, not cache
+        return {k: float(i + 1) for i, k in enumerate(sorted(fns))}
+
+    c = cpu_gemm.choose_gemms(w, packed, rows=(1, 8), measure=measure)
+    assert seen == [["mm", "packed"]] * 2 and c.methods == ("mm", "mm")
+    assert c.seconds[0] == {"mm": 1 / 6, "packed": 2 / 6}  # per GEMM: the pass over 6 experts
+    assert c.all_mm([1, 8, 3]) and not GemmChoice((1, 4), ("mm", "packed")).all_mm([1, 3])
+    mixed = GemmChoice((1, 4, 16, 64), ("mm", "packed", "mm", "mm"))
+    assert mixed.all_mm([10, 40, 100]) and not mixed.all_mm([1, 100]) and not mixed.all_mm([3])
+    assert cpu_gemm.choose_gemms(w, None, rows=(1,), measure=measure).methods == ("mm",)
+
+
+def test_choose_gemms_offers_the_split_for_float32_on_two_threads(two_threads):
+    w = torch.randn(2, 256, 16)
+    c = cpu_gemm.time_gemms(w, None, rows=(1, cpu_gemm.SPLIT_ROWS + 1), measure=lambda fns, r: dict.fromkeys(fns, 1.0))
+    assert [sorted(s) for s in c] == [["mm", "split"], ["mm"]]  # not beyond SPLIT_ROWS rows
+
+
+def test_prepack_times_real_gemms_and_the_layer_reports_the_choice():
+    layer, x = make_case(20, 32, 24, 4, 2, seed=1, dtype=torch.float32)
+    layer.prepack()
+    choices = layer.gemm_choices()
+    assert set(choices) == {"w13", "w2"}
+    for c in choices.values():
+        assert [int(n) for n in c] == list(cpu_gemm.CHOICE_ROWS)
+        for v in c.values():
+            assert v["method"] in v["us"] and set(v["us"]) >= {"mm", "packed"}
+            assert all(t > 0 for t in v["us"].values())
+            assert v["us"][v["method"]] == min(v["us"].values())
+    r = layer.route(x)
+    assert_close(GROUPED(x, r, layer.w13, layer.w2).y, moe_ref.reference_moe(x.double(), r, layer.w13.double(),
+                 layer.w2.double()), torch.float32)
+    assert layer.unpack().gemm_choices() == {}
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000),
+       staged=st.booleans())
+def test_grouped_on_any_mix_of_gemm_methods_matches_reference(cfg, dtype, seed, staged):
+    """Whatever the timing chose per row count (here at random), every row gets its expert's FFN."""
+    T, D, F, E, K, renorm, s = cfg
+    layer, x = make_case(T, D, F, E, K, seed=s, renormalize=renorm)
+    low = low_copy(layer, dtype)
+    rng = torch.Generator().manual_seed(seed)
+    pick = lambda n, names: names[int(torch.randint(len(names), (1,), generator=rng))]  # noqa: E731
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_gemm, "SPLIT_MIN_COLS", 1)  # the split is a candidate even for these small weights
+        if not staged:
+            mp.setattr(grouped, "STAGED_BYTES", 0)
+        torch.set_num_threads(2)
+        try:
+            moe_ref.prepack(low.w13, low.w2, measure=fake_measure(pick))
+            r = layer.route(x)
+            y = GROUPED(x.to(dtype), r, low.w13, low.w2).y
+        finally:
+            torch.set_num_threads(before)
+    assert_close(y, moe_ref.reference_moe(x, r, layer.w13, layer.w2), dtype, msg=f"T={T} D={D} F={F} E={E} K={K}")
+
+
+def test_the_chosen_method_runs_and_an_unchosen_packed_copy_is_not_kept(packed_calls):
+    layer, x = make_case(40, 32, 24, 2, 1, seed=3, dtype=torch.float32)  # two experts: blocks of ~20 rows
+    r = layer.route(x)
+    counts = torch.bincount(r.topk_ids.flatten(), minlength=2).tolist()
+    layer.prepack(tune=False)
+    want = GROUPED(x, r, layer.w13, layer.w2).y
+    packed_calls.clear()
+    moe_ref.prepack(layer.w13, layer.w2, measure=fake_measure(lambda n, names: "packed" if n >= 16 else "mm"))
+    assert packing.packed_for(layer.w13).choice.methods == tuple("packed" if n >= 16 else "mm"
+                                                                 for n in cpu_gemm.CHOICE_ROWS)
+    assert_close(GROUPED(x, r, layer.w13, layer.w2).y, want, torch.float32)
+    assert sorted(c[2] for c in packed_calls) == sorted(counts * 2)  # blocks of >= 12 rows: packed
+    moe_ref.prepack(layer.w13, layer.w2, measure=fake_measure(lambda n, names: "mm"))
+    assert packing.packed_for(layer.w13).experts is None  # no second copy where it never wins
+    packed_calls.clear()
+    assert_close(GROUPED(x, r, layer.w13, layer.w2).y, want, torch.float32)
+    assert packed_calls == []
+
+
+def test_a_changed_thread_count_warns_once(two_threads):
+    layer, x = make_case(5, 16, 8, 4, 2, dtype=torch.float32)
+    r = layer.route(x)
+    moe_ref.prepack(layer.w13, layer.w2, measure=fake_measure(lambda n, names: "mm"))
+    torch.set_num_threads(1)
+    with pytest.warns(RuntimeWarning, match="timed by prepack with 2 torch threads and now run with 1"):
+        GROUPED(x, r, layer.w13, layer.w2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GROUPED(x, r, layer.w13, layer.w2)  # once per weight
+

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import moe_ref
 from helpers import assert_close, configs, hand_routing, make_case
-from moe_ref import grouped
+from moe_ref import cpu_gemm, grouped
 from moe_ref.grouped import expert_blocks, grouped_steps
 
 TORCH_STRATEGIES = ["dense", "loop", "grouped", "grouped_mm", "padded"]
@@ -162,16 +162,16 @@ def two_threads():
 def test_column_chunks_only_for_float32_on_threads_and_few_rows(two_threads):
     x, w = torch.randn(5, 64), torch.randn(3, 256, 64)  # rows [n, K], expert weights [E, N, K]
     out = torch.empty(5, 256)
-    assert grouped.column_chunks(x, w, out) == 4  # <= 4 x 2 threads chunks of >= 64 columns: 256 / 4
-    assert grouped.column_chunks(x, torch.randn(3, 1024, 64)) == 8  # at most 4 x threads
-    assert grouped.column_chunks(x, torch.randn(3, 100, 64)) == 1  # 2 chunks of 50: too narrow
-    assert grouped.column_chunks(x.bfloat16(), w.bfloat16()) == 1  # oneDNN shares these among threads itself
-    assert grouped.column_chunks(x.double(), w.double()) == 1
-    assert grouped.column_chunks(x, w.transpose(1, 2).contiguous().transpose(1, 2)) == 1  # w not row-major
-    assert grouped.column_chunks(x, w, torch.empty(256, 5).t()) == 1  # out not contiguous
-    assert [grouped.chunks_for(n, 4) for n in (1, grouped.SPLIT_ROWS, grouped.SPLIT_ROWS + 1)] == [4, 4, 1]
+    assert cpu_gemm.column_chunks(x, w, out) == 4  # <= 4 x 2 threads chunks of >= 64 columns: 256 / 4
+    assert cpu_gemm.column_chunks(x, torch.randn(3, 1024, 64)) == 8  # at most 4 x threads
+    assert cpu_gemm.column_chunks(x, torch.randn(3, 100, 64)) == 1  # 2 chunks of 50: too narrow
+    assert cpu_gemm.column_chunks(x.bfloat16(), w.bfloat16()) == 1  # oneDNN shares these among threads itself
+    assert cpu_gemm.column_chunks(x.double(), w.double()) == 1
+    assert cpu_gemm.column_chunks(x, w.transpose(1, 2).contiguous().transpose(1, 2)) == 1  # w not row-major
+    assert cpu_gemm.column_chunks(x, w, torch.empty(256, 5).t()) == 1  # out not contiguous
+    assert [cpu_gemm.chunks_for(n, 4) for n in (1, cpu_gemm.SPLIT_ROWS, cpu_gemm.SPLIT_ROWS + 1)] == [4, 4, 1]
     torch.set_num_threads(1)
-    assert grouped.column_chunks(x, w, out) == 1  # one thread: nothing to share
+    assert cpu_gemm.column_chunks(x, w, out) == 1  # one thread: nothing to share
 
 
 def test_expert_mm_split_is_one_bmm_equal_to_the_product(two_threads, monkeypatch):
@@ -185,9 +185,9 @@ def test_expert_mm_split_is_one_bmm_equal_to_the_product(two_threads, monkeypatc
         return real(x, y, **kw)
 
     monkeypatch.setattr(torch, "bmm", spy)
-    chunks = grouped.column_chunks(a, w[None])
+    chunks = cpu_gemm.column_chunks(a, w[None])
     assert chunks == 4  # 4 chunks of 96 columns (8 of 48: too narrow)
-    got = grouped.expert_mm(a, w.t(), out, chunks)
+    got = cpu_gemm.expert_mm(a, w.t(), out, chunks)
     assert got is out and calls == [((4, 7, 96), (4, 96, 96))]  # one bmm, the weight a view
     torch.testing.assert_close(out.double(), a.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
 
@@ -201,7 +201,7 @@ def test_grouped_with_split_gemms_matches_reference(cfg, staged):
     r = layer.route(x)
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grouped, "SPLIT_MIN_COLS", 1)  # split even these small GEMMs
+        mp.setattr(cpu_gemm, "SPLIT_MIN_COLS", 1)  # split even these small GEMMs
         if not staged:
             mp.setattr(grouped, "STAGED_BYTES", 0)
         torch.set_num_threads(2)
@@ -298,3 +298,56 @@ def test_grouped_strategies_run_under_autograd(strategy):
     assert_close(y, want)
     y.sum().backward()
     assert w13.grad is not None and bool(w13.grad.abs().sum() > 0)
+
+
+GROUPED_FN = moe_ref.strategy.get_strategy("grouped")
+
+
+@given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_small_batches_loop_in_torchs_grouped_gemm_with_the_same_bits(cfg, dtype):
+    """On one thread every small-batch GEMM is a plain torch.mm: ffn_rows loops over them in torch's grouped GEMM
+    (where its 16-byte rule holds and most experts have rows), and the result is bit for bit the Python loop's."""
+    T, D, F, E, K, renorm, seed = cfg
+    layer, x = make_case(T, D, F, E, K, seed=seed, renormalize=renorm)
+    low = moe_ref.MoELayer(layer.cfg, dtype=dtype)
+    low.load_state_dict(layer.state_dict())
+    r, xl = layer.route(x), x.to(dtype)
+    calls = []
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        real = grouped.torch_grouped_gemms
+        mp.setattr(grouped, "torch_grouped_gemms", lambda *a: calls.append(1) or real(*a))
+        torch.set_num_threads(1)
+        try:
+            y = GROUPED_FN(xl, r, low.w13, low.w2).y
+            mp.setattr(grouped, "CPP_LOOP", False)
+            want = GROUPED_FN(xl, r, low.w13, low.w2).y
+        finally:
+            torch.set_num_threads(before)
+    active = len(set(r.topk_ids.flatten().tolist()))
+    aligned = (D * xl.element_size()) % 16 == 0 and (F * xl.element_size()) % 16 == 0
+    fits = aligned and 0 < active and 4 * active >= 3 * E  # most experts with rows
+    assert len(calls) == int(fits)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.skipif(moe_ref.packing.prepack_unsupported(torch.empty(1, 1, 1)) is not None, reason="no packed GEMMs")
+def test_the_cpp_loop_runs_only_where_every_block_is_a_plain_mm():
+    layer, x = make_case(12, 32, 16, 4, 2, seed=1, dtype=torch.float32)
+    r = layer.route(x)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = grouped.torch_grouped_gemms
+        mp.setattr(grouped, "torch_grouped_gemms", lambda *a: calls.append(1) or real(*a))
+        for winner, used in (("mm", True), ("packed", False)):
+            moe_ref.prepack(layer.w13, layer.w2, measure=lambda fns, rounds, w=winner: {
+                k: 1.0 if k == w else 2.0 for k in fns})
+            calls.clear()
+            y = GROUPED_FN(x, r, layer.w13, layer.w2).y
+            assert calls == ([1] if used else []), winner
+            assert_close(y, moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double()), torch.float32)
+        moe_ref.prepack(layer.w13, layer.w2, tune=False)  # packed everywhere, by request: never the loop
+        calls.clear()
+        GROUPED_FN(x, r, layer.w13, layer.w2)
+        assert calls == []
+    layer.unpack()

@@ -7,8 +7,9 @@ gate weights or combine. Every strategy must spend at least that.
 Providers, all on the same weights and the same routing:
   ours     the registered strategy functions ("loop", "grouped", "grouped_mm", ...), called directly;
            with prepack (the default, where this torch can) the layer's expert weights are packed for oneDNN
-           once per layer (MoELayer.prepack), so "grouped" and the bound run their GEMMs on the packed copies,
-           and "grouped_plain" is the grouped strategy on the plain weights beside them (what packing buys)
+           once per layer (MoELayer.prepack, which also times plain and packed GEMMs per row count and keeps the
+           faster), so "grouped" and the bound run their GEMMs by that choice, and "grouped_plain" is the grouped
+           strategy on the plain weights beside them (what packing and the timed choice buy)
   peers    transformers' experts implementations (hf_eager, hf_grouped_mm, hf_batched_mm), where installed;
            hf_batched_mm gathers [T*K, 2F, D] weights, so it is skipped past BATCHED_MM_BYTES
 All providers of one (shape, dtype, T) run interleaved through timing.time_cpu with a pinned thread count;
@@ -83,8 +84,9 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
               threads: int | None = None, progress_bar: bool = True, clock=None, prepack: bool = True) -> list[dict]:
     """Rows {shape, dtype, tokens, provider, status, seconds (median), iqr_s, ratio_to_bound, threads, times_s,
     weights, warning?}. ratio_to_bound is paired (timing.paired_ratio: the median of the per-round ratios);
-    times_s the per-round seconds; weights "packed" where the provider's GEMMs read the packed copies (the grouped
-    strategy and the bound on a packed layer), else "plain".
+    times_s the per-round seconds; weights "packed" where the provider's GEMMs run by the prepacked layer's choice
+    (the grouped strategy and the bound), else "plain"; the bound's row of a prepacked layer also holds
+    gemm_methods {"w13": {rows: method}, "w2": ...}: what prepack timed fastest per row count.
 
     shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
     pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
@@ -102,6 +104,7 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             layer, layer_key = MoELayer(cfg, dtype=dtype, seed=0), (sh.name, dt_name)
             if prepack and prepack_unsupported(layer.w13) is None:
                 layer.prepack()
+            methods = {k: {n: v["method"] for n, v in c.items()} for k, c in layer.gemm_choices().items()}
         x = torch.randn(T, sh.d_model, generator=torch.Generator().manual_seed(T)).to(dtype)  # [T, D]
         with torch.inference_mode():
             r = layer.route(x)
@@ -116,6 +119,8 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             row = dict(base, provider=name, status="ok", seconds=t["median_s"], iqr_s=t["iqr_s"],
                        ratio_to_bound=paired_ratio(t, times[BOUND]), threads=t["threads"], times_s=t["times_s"],
                        weights="packed" if name in packed else "plain")
+            if name == BOUND and methods:
+                row["gemm_methods"] = methods
             if name in flags:
                 row["warning"] = flags[name]
             rows.append(row)
@@ -161,8 +166,15 @@ def _timing(row: dict) -> dict:
 def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
     """One line per row: ms (median +- IQR/2) and the ratio to the GEMM-only bound; then the targets."""
     if any(r.get("weights") == "packed" for r in rows):
-        print(f"weights: grouped and {BOUND} run on the expert weights packed once for oneDNN (MoELayer.prepack); "
-              f"{PLAIN} and every other provider on the plain weights")
+        print(f"weights: grouped and {BOUND} run each expert GEMM by the method MoELayer.prepack timed fastest for its "
+              f"row count (torch.mm, a column split, or the weights packed once for oneDNN); {PLAIN} and every other "
+              "provider on the plain weights")
+        seen = set()
+        for r in rows:
+            if r.get("gemm_methods") and (r["shape"], r["dtype"]) not in seen:
+                seen.add((r["shape"], r["dtype"]))
+                print(f"  {r['shape']} {r['dtype']}: " + "; ".join(
+                    f"{w} " + " ".join(f"{n}:{m}" for n, m in ms.items()) for w, ms in r["gemm_methods"].items()))
     print(f"{'shape':10} {'dtype':5} {'T':>5} {'provider':14} {'ms':>10} {'+-':>7} {'x bound':>8}")
     for r in rows:
         head = f"{r['shape']:10} {r['dtype']:5} {r['tokens']:5d} {r['provider']:14}"

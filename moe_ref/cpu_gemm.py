@@ -1,0 +1,212 @@
+"""One expert's GEMM on the CPU, three ways, and the choice among them by timing them on the weight itself.
+
+Legend: w [E, N, K] an expert weight stack (w13 [E, 2F, D] or w2 [E, D, F]); one expert's GEMM takes a [n, K]
+(its n rows) to out [n, N] = a @ w[e].t().
+  "mm":     one torch.mm on the weight's transposed view (MKL in float32; oneDNN in bfloat16, which reorders the
+            weight into its blocked layout on every call);
+  "split":  one torch.bmm over column chunks of the weight (a view), so that every thread gets a share (expert_mm;
+            float32 on a multi-threaded CPU only: column_chunks says when it applies);
+  "packed": oneDNN's linear on the weight packed once into its blocked layout (moe_ref.packing).
+Which is fastest depends on the machine, the dtype, the weight's size and n. Measured on two 2-core machines of this
+project (one GEMM, 2 threads): on an AMD EPYC, MKL keeps a float32 product with few rows on one thread, so "split"
+and "packed" beat "mm" by up to 2x at decode; on an Intel Xeon "mm" is as fast as either at 1 row and 2-3x faster
+than "packed" on small weights ([512, 256]: ~6 µs against ~21 µs, oneDNN's fixed cost per call), while "packed"
+wins at 4-64 rows on large ones, and bfloat16 "packed" wins up to ~64-256 rows on both. No fixed rule holds on
+both, so prepack (tune=True) times the candidates on the weight itself at a few row counts (choose_gemms), and the
+grouped strategy runs n rows with the method that was fastest at the nearest of them (GemmChoice.method_for).
+Every method gives each output element the same products, summed in another order: equal within rounding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as Fn
+from torch.utils.benchmark import Timer
+
+__all__ = ["GEMM_METHODS", "GROUPED_MM_DTYPES", "grouped_mm_fn", "CHOICE_ROWS", "GemmChoice",
+           "choose_gemms", "fixed_choice", "time_gemms", "column_chunks", "chunks_for", "expert_mm", "packed_linear",
+           "SPLIT_ROWS", "SPLIT_MIN_COLS", "SPLIT_DTYPES"]
+
+GEMM_METHODS = ("mm", "split", "packed")
+CHOICE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # rows per expert at which prepack times the methods
+COLD_BYTES = 16 << 20  # a timed pass cycles through experts until it reads this much weight (past the L2 caches)
+PASS_FLOP = 4e8  # ... or until it does this much work (at least one expert)
+ROUNDS = 5  # interleaved rounds per row count; the median decides
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+SPLIT_ROWS = 256  # float32 CPU GEMMs on at most this many rows may run as column chunks (column_chunks)
+SPLIT_MIN_COLS = 64  # the narrowest column chunk expert_mm makes
+SPLIT_DTYPES = (torch.float32,)
+
+
+def grouped_mm_fn():
+    """torch's grouped GEMM, or None when this torch has none."""
+    return getattr(Fn, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def column_chunks(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> int:
+    """How many column chunks expert_mm may split a GEMM rows-of-x [n, K] @ w[e].t() into (1: one torch.mm),
+    for expert weights w [E, N, K] and (when given) the buffer `out` whose row blocks take the products.
+
+    More than one only on a CPU with torch threads > 1, in a SPLIT_DTYPES dtype, w and out contiguous: the largest
+    P of 64, 32, ..., 2 with P <= 4 x threads that divides N into chunks of >= SPLIT_MIN_COLS columns. Without a
+    measured choice it is used for blocks of at most SPLIT_ROWS rows (chunks_for says which); decided once per
+    call of ffn_rows, as it costs µs that a loop over many experts would pay on every GEMM.
+    """
+    threads = torch.get_num_threads()
+    if (threads < 2 or x.device.type != "cpu" or x.dtype not in SPLIT_DTYPES or not w.is_contiguous()
+            or (out is not None and not out.is_contiguous())):
+        return 1
+    N = w.shape[1]
+    return next((p for p in (64, 32, 16, 8, 4, 2)
+                 if p <= 4 * threads and N % p == 0 and N // p >= SPLIT_MIN_COLS), 1)
+
+
+def chunks_for(rows: int, chunks: int) -> int:
+    """The column chunks for a block of `rows` rows: `chunks` (column_chunks) up to SPLIT_ROWS rows, else 1."""
+    return chunks if rows <= SPLIT_ROWS else 1
+
+
+def expert_mm(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """out [n, N] = a [n, K] @ wt [K, N], one expert's GEMM on a plain weight; wt is the transpose of its [N, K]
+    weight (a view).
+
+    chunks == 1: one torch.mm. chunks = P > 1 (N divisible by P, the weight and out contiguous): one torch.bmm over
+    the weight's N output columns as P chunks [P, K, N/P] (a view: no weight copy), its [P, n, N/P] result copied
+    into out's columns (n x N elements: small beside the weight). torch.bmm shares its batch among the threads,
+    where MKL may keep a product with few rows on one (see the module docstring for when that pays).
+    """
+    if chunks == 1:
+        return torch.mm(a, wt, out=out)
+    n, K = a.shape
+    C = wt.shape[1] // chunks
+    t = torch.bmm(a.expand(chunks, n, K), wt.t().view(chunks, C, K).transpose(1, 2))  # [P, n, C]
+    out.view(n, chunks, C).copy_(t.transpose(0, 1))
+    return out
+
+
+def packed_linear(a: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [n, N] = a [n, K] @ w.t() on one expert's packed weight (packing.PackedWeight: oneDNN's blocked layout);
+    the op returns a new [n, N] product, copied into out."""
+    y = torch.ops.mkldnn._linear_pointwise(a if a.is_contiguous() else a.contiguous(), packed, None, "none", [], "")
+    return out.copy_(y)
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """The GEMM method for each row count of one weight stack: `methods[i]` was fastest at `rows[i]` rows.
+
+    method_for(n) takes the timed row count nearest to n on a log scale (the boundaries are the geometric means of
+    neighbours), the first below rows[0] and the last beyond rows[-1]. `seconds[i]` holds the medians that chose
+    methods[i] ({method: seconds per GEMM}; empty for a fixed choice); `threads` is torch's thread count then (0: a
+    fixed choice, for any count).
+    """
+
+    rows: tuple[int, ...]
+    methods: tuple[str, ...]
+    seconds: tuple[dict[str, float], ...] = ()
+    threads: int = 0
+    _limits: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
+            raise ValueError(f"rows must be increasing and match methods, got {self.rows} and {self.methods}")
+        bad = [m for m in self.methods if m not in GEMM_METHODS]
+        if bad:
+            raise ValueError(f"unknown GEMM method(s) {bad}; expected one of {GEMM_METHODS}")
+        object.__setattr__(self, "_limits", tuple(math.sqrt(a * b) for a, b in zip(self.rows, self.rows[1:])))
+
+    def method_for(self, n: int) -> str:
+        """The method for a block of n rows."""
+        return self.methods[bisect.bisect_left(self._limits, n)]
+
+    @property
+    def uses_packed(self) -> bool:
+        """Whether some row count runs on the oneDNN-packed copy."""
+        return "packed" in self.methods
+
+    def all_mm(self, sizes: list[int]) -> bool:
+        """Whether blocks of every one of these row counts run as one plain torch.mm (the row counts between the
+        smallest and the largest map to a run of timed ones: only that run is checked)."""
+        lo, hi = (bisect.bisect_left(self._limits, n) for n in (min(sizes), max(sizes)))
+        return all(m == "mm" for m in self.methods[lo:hi + 1])
+
+    def as_dict(self) -> dict:
+        """{rows: {method, us: the medians in µs}}, for a JSON record or a printout."""
+        return {str(n): dict(method=m, us={k: round(v * 1e6, 2) for k, v in (s or {}).items()})
+                for n, m, s in zip(self.rows, self.methods, self.seconds or [None] * len(self.rows))}
+
+
+def fixed_choice(method: str) -> GemmChoice:
+    """One method at every row count, whatever the thread count (prepack with tune=False: "packed")."""
+    return GemmChoice((1,), (method,))
+
+
+def _measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each fn, timed by torch.utils.benchmark, interleaved round by round."""
+    threads = torch.get_num_threads()  # Timer would run on its default of 1 thread
+
+    def timer(f):
+        return Timer("f()", globals={"f": f}, num_threads=threads)
+
+    for fn in fns.values():
+        fn()  # warm: first-call allocations and oneDNN's primitive cache
+    number = {k: max(1, math.ceil(2e-3 / max(timer(f).timeit(1).median, 1e-7)))
+              for k, f in fns.items()}  # ~2 ms per measurement
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # the order rotates round by round
+            times[k].append(timer(fns[k]).timeit(number[k]).median)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def _candidates(a: torch.Tensor, out: torch.Tensor, w: torch.Tensor, experts: range, chunks: int,
+                packed: tuple | None) -> dict[str, Callable[[], object]]:
+    """{method: one pass, a GEMM of a per expert into out} for the methods that apply."""
+    wt = [w[e].t() for e in experts]  # [K, N] views
+    fns = {"mm": lambda: [torch.mm(a, t, out=out) for t in wt]}
+    if chunks > 1:
+        fns["split"] = lambda: [expert_mm(a, t, out, chunks) for t in wt]
+    if packed is not None:
+        fns["packed"] = lambda: [packed_linear(a, packed[e], out) for e in experts]
+    return fns
+
+
+def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CHOICE_ROWS, rounds: int = ROUNDS,
+               measure: Callable | None = None) -> list[dict[str, float]]:
+    """For each row count n: {method: median seconds per GEMM of n rows} of w's candidate methods.
+
+    A timed pass runs one GEMM per expert over enough experts to read COLD_BYTES of weight (as a forward does, so
+    small weights are not timed from the L2 cache alone) or to do PASS_FLOP of work, whichever comes first.
+    Candidates: "mm"; "split" where column_chunks allows it and n <= SPLIT_ROWS; "packed" when `packed` (one packed
+    tensor per expert) is given. `measure(fns, rounds)` -> {name: seconds per call} replaces the timer (tests).
+    """
+    measure = measure or _measure
+    E, N, K = w.shape
+    gen = torch.Generator().manual_seed(0)
+    out_rows = []
+    with torch.no_grad():
+        for n in rows:
+            a = torch.randn(n, K, generator=gen).to(w.dtype)  # [n, K]
+            out = torch.empty(n, N, dtype=w.dtype)
+            per = N * K * w.element_size()
+            m = max(1, min(E, math.ceil(COLD_BYTES / per), int(PASS_FLOP // (2 * n * N * K))))
+            chunks = column_chunks(a, w, out) if n <= SPLIT_ROWS else 1
+            fns = _candidates(a, out, w, range(m), chunks, packed)
+            out_rows.append({k: v / m for k, v in measure(fns, rounds).items()})
+    return out_rows
+
+
+def choose_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CHOICE_ROWS,
+                 rounds: int = ROUNDS, measure: Callable | None = None) -> GemmChoice:
+    """The fastest method at each row count (time_gemms), as a GemmChoice."""
+    seconds = time_gemms(w, packed, rows, rounds, measure)
+    methods = tuple(min(s, key=s.get) for s in seconds)
+    return GemmChoice(tuple(rows), methods, tuple(seconds), torch.get_num_threads())
