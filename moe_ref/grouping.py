@@ -67,6 +67,37 @@ def stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sort(key, stable=True)
 
 
+SMALL_SLOTS = 64  # up to this many CPU slots (decode) the "argsort" plan is built in Python from one .tolist()
+
+
+def _small_plan(topk_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """The "argsort" plan of a few CPU slots, built in Python: the same tensors as the vectorised path (a stable sort
+    of the slots by expert), from one copy of the ids and six small tensors instead of ~20 tensor ops, whose fixed
+    costs (a few µs each, more with cold caches between two layers' GEMMs) are most of a decode plan's time."""
+    T, K = topk_ids.shape
+    flat = [int(v) for v in topk_ids.reshape(-1).tolist()]  # [S]
+    lo, hi = min(flat), max(flat)
+    if hi >= num_experts or lo < -1:
+        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{lo}, {hi}]")
+    counts = [0] * num_experts
+    for e in flat:
+        if e >= 0:
+            counts[e] += 1
+    offsets = [0] * (num_experts + 1)
+    for e in range(num_experts):
+        offsets[e + 1] = offsets[e] + counts[e]
+    sorted_slots = sorted((s for s, e in enumerate(flat) if e >= 0), key=flat.__getitem__)  # stable: token order
+    inverse, rank = [-1] * len(flat), [-1] * len(flat)
+    for row, s in enumerate(sorted_slots):
+        inverse[s], rank[s] = row, row - offsets[flat[s]]
+    long = torch.long
+    return DispatchPlan(counts=torch.tensor(counts, dtype=long), offsets=torch.tensor(offsets, dtype=long),
+                        sorted_slots=torch.tensor(sorted_slots, dtype=long),
+                        token_ids=torch.tensor([s // K for s in sorted_slots], dtype=long),
+                        inverse=torch.tensor(inverse, dtype=long), rank=torch.tensor(rank, dtype=long),
+                        num_tokens=T, top_k=K)
+
+
 def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "argsort") -> DispatchPlan:
     """Build the DispatchPlan for topk_ids [T, K] (entries -1 are dropped and skipped)."""
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
@@ -76,6 +107,8 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
     if method not in GROUPING_METHODS:
         raise ValueError(f"method must be one of {GROUPING_METHODS}, got {method!r}")
     T, K = topk_ids.shape
+    if method == "argsort" and topk_ids.device.type == "cpu" and 0 < T * K <= SMALL_SLOTS:
+        return _small_plan(topk_ids, num_experts)
     flat = topk_ids.reshape(-1).long()  # [S]
     dev, S = flat.device, flat.numel()
     lo, hi = (int(v) for v in torch.aminmax(flat)) if S else (0, 0)  # one reduction, one sync

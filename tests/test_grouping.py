@@ -93,3 +93,23 @@ def test_bad_method_and_ids():
         moe_ref.group_by_expert(torch.tensor([[5]]), 2)
     with pytest.raises(TypeError):
         moe_ref.group_by_expert(torch.zeros(2, 1), 2)
+
+
+@given(routings())
+def test_the_small_python_plan_equals_the_vectorised_one(case):
+    ids, E = case
+    from moe_ref import grouping
+    small = moe_ref.group_by_expert(ids, E)  # T*K <= SMALL_SLOTS on the CPU: built in Python
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouping, "SMALL_SLOTS", 0)
+        big = moe_ref.group_by_expert(ids, E)
+    for f in ("counts", "offsets", "sorted_slots", "token_ids", "inverse", "rank"):
+        a, b = getattr(small, f), getattr(big, f)
+        assert a.dtype == b.dtype and torch.equal(a, b), f
+
+
+def test_the_small_plan_checks_the_ids():
+    with pytest.raises(ValueError, match=r"in \[-1, 3\], got \[0, 4\]"):
+        moe_ref.group_by_expert(torch.tensor([[0, 4]]), 4)
+    with pytest.raises(ValueError, match=r"got \[-2, 1\]"):
+        moe_ref.group_by_expert(torch.tensor([[-2, 1]]), 4)
