@@ -131,6 +131,11 @@ class GemmChoice:
         """Whether some row count runs on the oneDNN-packed copy."""
         return "packed" in self.methods
 
+    def mostly_mm(self, sizes: list[int]) -> bool:
+        """Whether at least half of the blocks of these row counts run as one plain torch.mm."""
+        limits, methods = self._limits, self.methods
+        return 2 * sum(methods[bisect.bisect_left(limits, n)] == "mm" for n in sizes) >= len(sizes)
+
     def all_mm(self, sizes: list[int]) -> bool:
         """Whether blocks of every one of these row counts run as one plain torch.mm (the row counts between the
         smallest and the largest map to a run of timed ones: only that run is checked)."""

@@ -107,12 +107,15 @@ class ExpertGemms:
             self._wt = {e: w[e].t() for e in experts} if few else w.transpose(1, 2).unbind(0)
         return self._wt
 
-    def all_mm(self, sizes: list[int]) -> bool:
-        """True when the GEMM of a block of every one of these row counts is one plain torch.mm (then a loop of them
-        may run inside torch's grouped GEMM: torch_grouped_gemms)."""
+    def loop_in_cpp(self, sizes: list[int]) -> bool:
+        """Whether blocks of these row counts may all run as plain torch.mm looped inside torch's grouped GEMM
+        (torch_grouped_gemms). Without prepack: when each already is one plain torch.mm (the same bits). After
+        prepack: when at least half of them are by the timed choice (the others then run torch.mm too: measured
+        on the dev machine, a Python loop that switches between methods loses more, ~10 µs per GEMM at cpu-fine
+        float32 T=64, than the minority's chosen method gains). Never for a fixed "packed" choice (tune=False)."""
         if self.choice is None:
             return self.chunks == 1 or min(sizes) > SPLIT_ROWS
-        return self.choice.all_mm(sizes)
+        return self.choice.mostly_mm(sizes)
 
     def mm(self, e: int, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [n, N] = a [n, K] @ w[e].t()."""
@@ -174,8 +177,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
         buffer, one SwiGLU over all of it, then every expert's down GEMM: two calls per expert instead of six;
       - row blocks from one split when most experts have work, one slice per expert with work when few do
         (decode: E views would cost more than the few experts' GEMMs);
-      - small batches where at least 3/4 of the experts have rows and every GEMM is a plain torch.mm: the two
-        loops of GEMMs inside torch's grouped GEMM (torch_grouped_gemms: the same torch.mm per block, from C++);
+      - small batches where at least 3/4 of the experts have rows and their GEMMs are (mostly, after prepack) plain
+        torch.mm: the two loops of GEMMs inside torch's grouped GEMM (torch_grouped_gemms: torch.mm per block, C++);
       - every GEMM through ExpertGemms: by the method prepack timed fastest for its row count (torch.mm, a column
         split or the packed copy), else one torch.mm each (float32 on few rows, several threads: split by columns).
     Either way each row gets its expert's GEMMs and the same elementwise SwiGLU (the same bits for the same
@@ -203,8 +206,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
             expert_ffn_into(e, xb[e], up, down, ob[e])
         return out
     sizes = [bounds[e + 1] - bounds[e] for e in active]
-    if (CPP_LOOP and 4 * len(active) >= 3 * E and torch_loop_fits(xs, w13, w2, out) and up.all_mm(sizes)
-            and down.all_mm(sizes)):  # torch's loop visits all E groups: worth it when most have rows
+    if (CPP_LOOP and 4 * len(active) >= 3 * E and torch_loop_fits(xs, w13, w2, out) and up.loop_in_cpp(sizes)
+            and down.loop_in_cpp(sizes)):  # torch's loop visits all E groups: worth it when most have rows
         return torch_grouped_gemms(xs, bounds, w13, w2, out)
     xb, ob = blocks(xs), blocks(out)
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row

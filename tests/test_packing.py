@@ -218,6 +218,7 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
     assert c.seconds[0] == {"mm": 1 / 6, "packed": 2 / 6}  # per GEMM: the pass over 6 experts
     assert c.all_mm([1, 8, 3]) and not GemmChoice((1, 4), ("mm", "packed")).all_mm([1, 3])
     mixed = GemmChoice((1, 4, 16, 64), ("mm", "packed", "mm", "mm"))
+    assert mixed.mostly_mm([1, 3, 16]) and mixed.mostly_mm([1, 4]) and not mixed.mostly_mm([1, 4, 3])
     assert mixed.all_mm([10, 40, 100]) and not mixed.all_mm([1, 100]) and not mixed.all_mm([3])
     assert cpu_gemm.choose_gemms(w, None, rows=(1,), measure=measure).methods == ("mm",)
 

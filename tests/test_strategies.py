@@ -332,7 +332,7 @@ def test_small_batches_loop_in_torchs_grouped_gemm_with_the_same_bits(cfg, dtype
 
 
 @pytest.mark.skipif(moe_ref.packing.prepack_unsupported(torch.empty(1, 1, 1)) is not None, reason="no packed GEMMs")
-def test_the_cpp_loop_runs_only_where_every_block_is_a_plain_mm():
+def test_the_cpp_loop_runs_only_where_most_blocks_are_a_plain_mm():
     layer, x = make_case(12, 32, 16, 4, 2, seed=1, dtype=torch.float32)
     r = layer.route(x)
     calls = []
@@ -346,6 +346,19 @@ def test_the_cpp_loop_runs_only_where_every_block_is_a_plain_mm():
             y = GROUPED_FN(x, r, layer.w13, layer.w2).y
             assert calls == ([1] if used else []), winner
             assert_close(y, moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double()), torch.float32)
+        sizes = [n for n in torch.bincount(r.topk_ids.flatten(), minlength=4).tolist() if n]
+        cut = sorted(sizes)[len(sizes) // 2]  # mm below the median block, packed from it: half of the blocks mm
+        seen = []
+        for limit in (cut, min(sizes)):  # ... or none of them
+            moe_ref.prepack(layer.w13, layer.w2, measure=lambda fns, rounds, lim=limit: {
+                k: 1.0 if k == ("mm" if fns["mm"]()[0].shape[0] < lim else "packed") else 2.0 for k in fns})
+            c = moe_ref.packing.packed_for(layer.w13).choice
+            calls.clear()
+            y = GROUPED_FN(x, r, layer.w13, layer.w2).y
+            assert calls == ([1] if c.mostly_mm(sizes) else []), (limit, sizes, c.methods)
+            seen.append(bool(calls))
+            assert_close(y, moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double()), torch.float32)
+        assert seen == [True, False]
         moe_ref.prepack(layer.w13, layer.w2, tune=False)  # packed everywhere, by request: never the loop
         calls.clear()
         GROUPED_FN(x, r, layer.w13, layer.w2)
