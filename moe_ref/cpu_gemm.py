@@ -133,14 +133,7 @@ class GemmChoice:
 
     def mostly_mm(self, sizes: list[int]) -> bool:
         """Whether at least half of the blocks of these row counts run as one plain torch.mm."""
-        limits, methods = self._limits, self.methods
-        return 2 * sum(methods[bisect.bisect_left(limits, n)] == "mm" for n in sizes) >= len(sizes)
-
-    def all_mm(self, sizes: list[int]) -> bool:
-        """Whether blocks of every one of these row counts run as one plain torch.mm (the row counts between the
-        smallest and the largest map to a run of timed ones: only that run is checked)."""
-        lo, hi = (bisect.bisect_left(self._limits, n) for n in (min(sizes), max(sizes)))
-        return all(m == "mm" for m in self.methods[lo:hi + 1])
+        return 2 * sum(self.method_for(n) == "mm" for n in sizes) >= len(sizes)
 
     def as_dict(self) -> dict:
         """{rows: {method, us: the medians in µs}}, for a JSON record or a printout."""

@@ -75,7 +75,7 @@ def _small_plan(topk_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
     of the slots by expert), from one copy of the ids and six small tensors instead of ~20 tensor ops, whose fixed
     costs (a few µs each, more with cold caches between two layers' GEMMs) are most of a decode plan's time."""
     T, K = topk_ids.shape
-    flat = [int(v) for v in topk_ids.reshape(-1).tolist()]  # [S]
+    flat = topk_ids.reshape(-1).tolist()  # [S] ints
     lo, hi = min(flat), max(flat)
     if hi >= num_experts or lo < -1:
         raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{lo}, {hi}]")

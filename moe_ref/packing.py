@@ -82,12 +82,6 @@ class PackedWeight:
         self.experts = experts if self.choice.uses_packed else None
         self.warned_threads = False
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed copy (counted at the plain weight's size; 0 when not kept)."""
-        E, N, K = self.shape
-        return E * N * K * self.stamp[3].itemsize if self.experts is not None else 0
-
     def fresh_for(self, w: torch.Tensor) -> bool:
         """True while w is the tensor this copy was packed from, unchanged through its version counter."""
         return _stamp(w) == self.stamp

@@ -216,10 +216,8 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
     c = cpu_gemm.choose_gemms(w, packed, rows=(1, 8), measure=measure)
     assert seen == [["mm", "packed"]] * 2 and c.methods == ("mm", "mm")
     assert c.seconds[0] == {"mm": 1 / 6, "packed": 2 / 6}  # per GEMM: the pass over 6 experts
-    assert c.all_mm([1, 8, 3]) and not GemmChoice((1, 4), ("mm", "packed")).all_mm([1, 3])
     mixed = GemmChoice((1, 4, 16, 64), ("mm", "packed", "mm", "mm"))
     assert mixed.mostly_mm([1, 3, 16]) and mixed.mostly_mm([1, 4]) and not mixed.mostly_mm([1, 4, 3])
-    assert mixed.all_mm([10, 40, 100]) and not mixed.all_mm([1, 100]) and not mixed.all_mm([3])
     assert cpu_gemm.choose_gemms(w, None, rows=(1,), measure=measure).methods == ("mm",)
 
 
@@ -244,14 +242,6 @@ def test_prepack_times_real_gemms_and_the_layer_reports_the_choice():
     assert_close(GROUPED(x, r, layer.w13, layer.w2).y, moe_ref.reference_moe(x.double(), r, layer.w13.double(),
                  layer.w2.double()), torch.float32)
     assert layer.unpack().gemm_choices() == {}
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000),

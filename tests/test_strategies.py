@@ -150,15 +150,6 @@ def test_ffn_rows_staged_and_per_expert_give_the_same_bits(monkeypatch, dtype, E
     assert torch.equal(y, per_expert.y)
 
 
-@pytest.fixture
-def two_threads():
-    """torch at 2 intra-op threads for the test (make test runs 1), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_column_chunks_only_for_float32_on_threads_and_few_rows(two_threads):
     x, w = torch.randn(5, 64), torch.randn(3, 256, 64)  # rows [n, K], expert weights [E, N, K]
     out = torch.empty(5, 256)
