@@ -37,6 +37,7 @@ CHOICE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # rows per expert at whi
 COLD_BYTES = 16 << 20  # a timed pass cycles through experts until it reads this much weight (past the L2 caches)
 PASS_FLOP = 4e8  # ... or until it does this much work (at least one expert)
 ROUNDS = 5  # interleaved rounds per row count; the median decides
+MM_TABLE_ROWS = 4096  # GemmChoice.mostly_mm looks row counts below this up in a table
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -113,6 +114,7 @@ class GemmChoice:
     seconds: tuple[dict[str, float], ...] = ()
     threads: int = 0
     _limits: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _mm_at: tuple[bool, ...] = field(init=False, repr=False, compare=False)  # [n]: method_for(n) == "mm"
 
     def __post_init__(self):
         if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
@@ -121,6 +123,7 @@ class GemmChoice:
         if bad:
             raise ValueError(f"unknown GEMM method(s) {bad}; expected one of {GEMM_METHODS}")
         object.__setattr__(self, "_limits", tuple(math.sqrt(a * b) for a, b in zip(self.rows, self.rows[1:])))
+        object.__setattr__(self, "_mm_at", tuple(self.method_for(n) == "mm" for n in range(MM_TABLE_ROWS)))
 
     def method_for(self, n: int) -> str:
         """The method for a block of n rows."""
@@ -132,8 +135,15 @@ class GemmChoice:
         return "packed" in self.methods
 
     def mostly_mm(self, sizes: list[int]) -> bool:
-        """Whether at least half of the blocks of these row counts run as one plain torch.mm."""
-        return 2 * sum(self.method_for(n) == "mm" for n in sizes) >= len(sizes)
+        """Whether at least half of the blocks of these row counts run as one plain torch.mm (blocks of 0 rows,
+        which run nothing, are not counted). A table lookup per block below MM_TABLE_ROWS rows: a forward asks
+        this with E blocks, on the clock."""
+        zeros = sizes.count(0)
+        if sizes and max(sizes) < MM_TABLE_ROWS:
+            mm = sum(map(self._mm_at.__getitem__, sizes)) - zeros * self._mm_at[0]
+        else:
+            mm = sum(self.method_for(n) == "mm" for n in sizes if n)
+        return 2 * mm >= len(sizes) - zeros
 
     def as_dict(self) -> dict:
         """{rows: {method, us: the medians in µs}}, for a JSON record or a printout."""

@@ -16,6 +16,7 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 
 from __future__ import annotations
 
+import array
 import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -58,7 +59,8 @@ def needs_grad(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-STAGED_BYTES = 2 << 20  # gate/up rows [N, 2F] up to this size go through one SwiGLU for all experts (decode)
+STAGED_BYTES = 2 << 20  # gate/up rows [N, 2F] up to this size go through one SwiGLU for all experts (decode) ...
+STAGED_BYTES_PER_EXPERT = 128 << 10  # ... or up to this much per expert with rows (many small experts, see ffn_rows)
 
 
 def expert_ffn_into(e: int, xe: torch.Tensor, up: ExpertGemms, down: ExpertGemms, out: torch.Tensor
@@ -107,16 +109,6 @@ class ExpertGemms:
             self._wt = {e: w[e].t() for e in experts} if few else w.transpose(1, 2).unbind(0)
         return self._wt
 
-    def loop_in_cpp(self, sizes: list[int]) -> bool:
-        """Whether blocks of these row counts may all run as plain torch.mm looped inside torch's grouped GEMM
-        (torch_grouped_gemms). Without prepack: when each already is one plain torch.mm (the same bits). After
-        prepack: when at least half of them are by the timed choice (the others then run torch.mm too: measured
-        on the dev machine, a Python loop that switches between methods loses more, ~10 µs per GEMM at cpu-fine
-        float32 T=64, than the minority's chosen method gains). Never for a fixed "packed" choice (tune=False)."""
-        if self.choice is None:
-            return self.chunks == 1 or min(sizes) > SPLIT_ROWS
-        return self.choice.mostly_mm(sizes)
-
     def mm(self, e: int, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [n, N] = a [n, K] @ w[e].t()."""
         n = a.shape[0]
@@ -131,29 +123,47 @@ class ExpertGemms:
 CPP_LOOP = True  # small batches of plain torch.mm GEMMs may loop over the experts in torch's grouped GEMM (C++)
 
 
-def torch_loop_fits(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> bool:
+def loop_in_cpp(x: torch.Tensor, w: torch.Tensor, sizes: list[int], out: torch.Tensor | None = None) -> bool:
+    """Whether blocks of these row counts (one per expert, 0 for none) of the GEMMs rows-of-x @ w[e].t() may all run
+    as plain torch.mm looped inside torch's grouped GEMM (torch_grouped_gemms); `out` as for column_chunks.
+
+    Without prepack: when each already is one plain torch.mm (the same bits). After prepack: when at least half of
+    them are by the timed choice (the others then run torch.mm too: measured on the dev machine, a Python loop that
+    switches between methods loses more, ~10 µs per GEMM at cpu-fine float32 T=64, than the minority's chosen
+    method gains). Never for a fixed "packed" choice (tune=False).
+    """
+    packed = packed_for(w)
+    if packed is None:
+        return column_chunks(x, w, out) == 1 or min(n for n in sizes if n) > SPLIT_ROWS
+    if packed.choice.threads not in (0, torch.get_num_threads()):
+        _warn_threads(packed)
+    return packed.choice.mostly_mm(sizes)
+
+
+def torch_loop_fits(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether torch_grouped_gemms can run these operands: a CPU torch with a grouped GEMM, a dtype it takes,
-    row strides and data pointers on 16-byte boundaries (its operand rule), out contiguous."""
+    row strides and data pointers on 16-byte boundaries (its operand rule), contiguous operands."""
     elt = xs.element_size()
     return (xs.device.type == "cpu" and xs.dtype in GROUPED_MM_DTYPES and grouped_mm_fn() is not None
-            and w13.is_contiguous() and w2.is_contiguous() and xs.is_contiguous() and out.is_contiguous()
+            and w13.is_contiguous() and w2.is_contiguous() and xs.is_contiguous()
             and (xs.shape[1] * elt) % 16 == 0 and (w2.shape[2] * elt) % 16 == 0
             and xs.data_ptr() % 16 == 0 and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0)
 
 
-def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
-                        out: torch.Tensor) -> torch.Tensor:
+def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """ffn_rows's small-batch steps (every expert's up GEMM, one SwiGLU, every down GEMM) with each loop of plain
     torch.mm GEMMs in one call of torch's grouped GEMM: on the CPU it runs the same torch.mm on each expert's block,
     from C++ (the same bits; ~3 µs of Python saved per GEMM, ~0.3-0.6 ms per call at decode with E=64). It visits
     every one of the E groups, empty ones included (~3 µs each), so ffn_rows uses it when most experts have rows.
+    Returns a new [N, D] tensor (copying it into a caller's buffer would cost one more pass over it).
     """
     F = w2.shape[2]
-    gmm, offs = grouped_mm_fn(), torch.tensor(bounds[1:], dtype=torch.int32)  # [E] end row of each block
+    offs = torch.frombuffer(array.array("i", bounds[1:]), dtype=torch.int32)  # [E] end row of each block
+    gmm = grouped_mm_fn()
     h = gmm(xs, w13.transpose(1, 2), offs=offs)  # [N, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [N, F]
     a.mul_(h[:, F:])
-    return out.copy_(gmm(a, w2.transpose(1, 2), offs=offs))  # [N, D]
+    return gmm(a, w2.transpose(1, 2), offs=offs)  # [N, D], a new tensor: torch's grouped GEMM takes no out=
 
 
 def _warn_threads(packed) -> None:
@@ -166,15 +176,20 @@ def _warn_threads(packed) -> None:
 
 
 def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
-             out: torch.Tensor) -> torch.Tensor:
-    """out[a:b] = expert_ffn(xs[a:b]) through expert e for each block a, b = bounds[e], bounds[e+1] with rows.
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """ys [N, D] with ys[a:b] = expert_ffn(xs[a:b]) through expert e for each block a, b = bounds[e], bounds[e+1].
 
     The one per-expert loop of the grouped strategy and of the benchmark's GEMM-only bound: one GEMM pair per
-    expert with work, on contiguous row blocks of xs [N, D], written into out [N, D] (which may be xs itself).
+    expert with work, on contiguous row blocks of xs [N, D]. ys is `out` [N, D] (which may be xs itself; None: a
+    new buffer), written block by block, except where the loop runs inside torch's grouped GEMM: that returns its
+    own new tensor and leaves out as it was (it takes no out=, and a copy would cost a pass over [N, D]).
     Each step costs a few µs of calls, so the loop is arranged to make few of them:
       - large batches: expert_ffn_into per expert (its [n, 2F] and [n, F] intermediates stay small, in cache);
-      - small batches (gate/up rows [N, 2F] within STAGED_BYTES): every expert's first GEMM into one [N, 2F]
-        buffer, one SwiGLU over all of it, then every expert's down GEMM: two calls per expert instead of six;
+      - small batches (gate/up rows [N, 2F] within STAGED_BYTES, or STAGED_BYTES_PER_EXPERT per expert with rows):
+        every expert's first GEMM into one [N, 2F] buffer, one SwiGLU over all of it, then every expert's down GEMM:
+        two calls per expert instead of six, for one more pass over [N, 2F]. Measured on the dev machine (Xeon, 2
+        threads): with E=64 small experts staging [N, 2F] of 4-8 MiB was 2-13% faster than per expert, with E=8
+        large ones 3% slower at 8 MiB;
       - row blocks from one split when most experts have work, one slice per expert with work when few do
         (decode: E views would cost more than the few experts' GEMMs);
       - small batches where at least 3/4 of the experts have rows and their GEMMs are (mostly, after prepack) plain
@@ -185,31 +200,32 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     methods; another method sums the same products in another order).
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
-    active = _active(bounds)
+    out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
     if needs_grad(xs, w13, w2):  # autograd: out of place per expert, each block sliced as it is written
-        for e in active:
+        for e in _active(bounds):
             rows = slice(bounds[e], bounds[e + 1])
             out[rows] = swiglu(xs[rows] @ w13[e].t()) @ w2[e].t()
         return out
-    if not active:
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]  # [E] rows per expert
+    idle = sizes.count(0)
+    if idle == E:
         return out  # no rows
+    staged = N * 2 * F * xs.element_size() <= max(STAGED_BYTES, (E - idle) * STAGED_BYTES_PER_EXPERT)
+    if (staged and CPP_LOOP and 4 * idle <= E and torch_loop_fits(xs, w13, w2)
+            and loop_in_cpp(xs, w13, sizes) and loop_in_cpp(xs, w2, sizes, out)):
+        return torch_grouped_gemms(xs, bounds, w13, w2)  # torch's loop visits all E groups: most have rows here
+    active = [e for e, n in enumerate(sizes) if n]
     few = len(active) * 4 < E
 
     def blocks(t: torch.Tensor):  # t's row block of each expert, indexed by e
-        return ({e: t[bounds[e]:bounds[e + 1]] for e in active} if few
-                else t.split([bounds[e + 1] - bounds[e] for e in range(E)]))
+        return {e: t[bounds[e]:bounds[e + 1]] for e in active} if few else t.split(sizes)
 
     up, down = ExpertGemms(xs, w13, active), ExpertGemms(xs, w2, active, out)
-    if N * 2 * F * xs.element_size() > STAGED_BYTES:
-        xb, ob = blocks(xs), blocks(out)
+    xb, ob = blocks(xs), blocks(out)
+    if not staged:
         for e in active:
             expert_ffn_into(e, xb[e], up, down, ob[e])
         return out
-    sizes = [bounds[e + 1] - bounds[e] for e in active]
-    if (CPP_LOOP and 4 * len(active) >= 3 * E and torch_loop_fits(xs, w13, w2, out) and up.loop_in_cpp(sizes)
-            and down.loop_in_cpp(sizes)):  # torch's loop visits all E groups: worth it when most have rows
-        return torch_grouped_gemms(xs, bounds, w13, w2, out)
-    xb, ob = blocks(xs), blocks(out)
     h = xs.new_empty(N, 2 * F)  # [N, 2F]: gate | up of every row
     hb = blocks(h)
     for e in active:
@@ -226,10 +242,10 @@ def grouped_ffn(xs: torch.Tensor, plan: DispatchPlan, w13: torch.Tensor, w2: tor
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """ys [N, D]: each expert's FFN on its contiguous block of xs [N, D] (the blocks expert_blocks names).
 
-    Written in place into `out` (default: a new [N, D] buffer); out=xs overwrites each block with its output.
+    Written into `out` where ffn_rows writes in place (default: a new [N, D] buffer; out=xs overwrites each block
+    with its output); use the returned tensor, which is not `out` where the loop ran inside torch's grouped GEMM.
     """
-    ys = xs.new_empty(plan.num_rows, w2.shape[1]) if out is None else out  # [N, D]
-    return ffn_rows(xs, plan.offsets.tolist(), w13, w2, ys)
+    return ffn_rows(xs, plan.offsets.tolist(), w13, w2, out)
 
 
 def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: torch.Tensor,

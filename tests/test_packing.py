@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import moe_ref
@@ -49,6 +49,7 @@ def test_grouped_on_packed_weights_matches_reference(cfg, staged, dtype):
     with pytest.MonkeyPatch.context() as mp:
         if not staged:
             mp.setattr(grouped, "STAGED_BYTES", 0)  # every batch through expert_ffn_into
+            mp.setattr(grouped, "STAGED_BYTES_PER_EXPERT", 0)
         s = grouped_steps(x.to(dtype), r, low.w13, low.w2)
         y = GROUPED(x.to(dtype), r, low.w13, low.w2).y
         out = low(x.to(dtype), routing=r)
@@ -198,6 +199,17 @@ def test_gemm_choice_takes_the_nearest_timed_row_count_on_a_log_scale():
         GemmChoice((1, 4), ("mm",))
 
 
+@given(methods=st.lists(st.sampled_from(cpu_gemm.GEMM_METHODS), min_size=1, max_size=6),
+       sizes=st.lists(st.one_of(st.just(0), st.integers(1, 40), st.integers(cpu_gemm.MM_TABLE_ROWS - 2, 10_000)),
+                      max_size=70))
+@example(methods=["mm", "packed"], sizes=[0, 0, 5])  # two empty blocks must not outvote one packed block
+@example(methods=["packed", "mm"], sizes=[0, 9, cpu_gemm.MM_TABLE_ROWS])  # past the table
+def test_mostly_mm_counts_the_blocks_with_rows_by_their_method(methods, sizes):
+    c = GemmChoice(tuple(4 ** i for i in range(len(methods))), tuple(methods))
+    rows = [n for n in sizes if n]  # blocks of 0 rows run nothing and are not counted
+    assert c.mostly_mm(sizes) == (2 * sum(c.method_for(n) == "mm" for n in rows) >= len(rows)), (methods, sizes)
+
+
 def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
     w = torch.randn(6, 24, 16)
     packed = packing.PackedWeight(w, tune=False).experts
@@ -258,6 +270,7 @@ def test_grouped_on_any_mix_of_gemm_methods_matches_reference(cfg, dtype, seed, 
         mp.setattr(cpu_gemm, "SPLIT_MIN_COLS", 1)  # the split is a candidate even for these small weights
         if not staged:
             mp.setattr(grouped, "STAGED_BYTES", 0)
+            mp.setattr(grouped, "STAGED_BYTES_PER_EXPERT", 0)
         torch.set_num_threads(2)
         try:
             moe_ref.prepack(low.w13, low.w2, measure=fake_measure(pick))

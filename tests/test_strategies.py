@@ -140,14 +140,63 @@ def test_grouped_steps_intermediates_and_output(cfg, method, drop):
 def test_ffn_rows_staged_and_per_expert_give_the_same_bits(monkeypatch, dtype, E, T):
     layer, x = make_case(T, 32, 24, E, 2, seed=4, dtype=dtype)
     r = layer.route(x)
+    calls = []
+    real = grouped.expert_ffn_into
+    monkeypatch.setattr(grouped, "expert_ffn_into", lambda *a: calls.append(a[0]) or real(*a))
     staged = grouped_steps(x, r, layer.w13, layer.w2)  # small: one SwiGLU over all rows
+    assert calls == []
     monkeypatch.setattr(grouped, "STAGED_BYTES", 0)  # every batch through expert_ffn_into, one expert at a time
+    monkeypatch.setattr(grouped, "STAGED_BYTES_PER_EXPERT", 0)
     per_expert = grouped_steps(x, r, layer.w13, layer.w2)
+    assert calls == [e for e, _ in expert_blocks(staged.plan)]
     assert torch.equal(staged.ys, per_expert.ys) and torch.equal(staged.y, per_expert.y)
     for e, rows in expert_blocks(staged.plan):
         assert torch.equal(staged.ys[rows], moe_ref.expert_ffn(staged.xs[rows], layer.w13[e], layer.w2[e]))
     y = moe_ref.strategy.get_strategy("grouped")(x, r, layer.w13, layer.w2).y  # in place over xs
     assert torch.equal(y, per_expert.y)
+
+
+def test_many_experts_with_rows_stage_larger_batches(monkeypatch):
+    """Gate/up rows [N, 2F] past STAGED_BYTES still go through one SwiGLU while they are within
+    STAGED_BYTES_PER_EXPERT per expert with rows; past both, one expert at a time. The same bits either way."""
+    layer, x = make_case(40, 32, 24, 8, 2, seed=4, dtype=torch.float32)
+    r = layer.route(x)
+    active = len(set(r.topk_ids.flatten().tolist()))
+    h_bytes = 40 * 2 * 2 * 24 * 4  # [N, 2F] float32, N = T * K
+    calls = []
+    real = grouped.expert_ffn_into
+    monkeypatch.setattr(grouped, "expert_ffn_into", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(grouped, "STAGED_BYTES", h_bytes - 1)
+    ys = {}
+    for per_expert, staged in ((-(-h_bytes // active), True), (h_bytes // active - 1, False)):
+        monkeypatch.setattr(grouped, "STAGED_BYTES_PER_EXPERT", per_expert)
+        calls.clear()
+        ys[staged] = grouped_steps(x, r, layer.w13, layer.w2).ys
+        assert len(calls) == (0 if staged else active), (per_expert, staged)
+    assert torch.equal(ys[True], ys[False])
+
+
+@pytest.mark.skipif(cpu_gemm.grouped_mm_fn() is None, reason="this torch has no grouped GEMM")
+def test_the_cpp_loop_returns_its_own_tensor_and_leaves_out_alone(monkeypatch):
+    layer, x = make_case(40, 32, 24, 4, 2, seed=2, dtype=torch.float32)
+    r = layer.route(x)
+    plan = moe_ref.group_by_expert(r.topk_ids, 4)
+    xs, bounds = moe_ref.permute(x, plan), plan.offsets.tolist()
+    calls = []
+    real = grouped.torch_grouped_gemms
+    monkeypatch.setattr(grouped, "torch_grouped_gemms", lambda *a: calls.append(1) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # every GEMM a plain torch.mm: the C++ loop applies
+    try:
+        out = torch.full_like(xs, float("nan"))
+        ys = grouped.ffn_rows(xs, bounds, layer.w13, layer.w2, out)
+        assert calls == [1] and ys is not out and bool(out.isnan().all())
+        monkeypatch.setattr(grouped, "CPP_LOOP", False)
+        assert grouped.ffn_rows(xs, bounds, layer.w13, layer.w2, out) is out
+        assert torch.equal(out, ys)
+        assert torch.equal(grouped.ffn_rows(xs, bounds, layer.w13, layer.w2), ys)  # out=None: a new buffer
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_column_chunks_only_for_float32_on_threads_and_few_rows(two_threads):
@@ -195,6 +244,7 @@ def test_grouped_with_split_gemms_matches_reference(cfg, staged):
         mp.setattr(cpu_gemm, "SPLIT_MIN_COLS", 1)  # split even these small GEMMs
         if not staged:
             mp.setattr(grouped, "STAGED_BYTES", 0)
+            mp.setattr(grouped, "STAGED_BYTES_PER_EXPERT", 0)
         torch.set_num_threads(2)
         try:
             s = grouped_steps(x.float(), r, low.w13, low.w2)
