@@ -115,6 +115,7 @@ class GemmChoice:
     threads: int = 0
     _limits: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _mm_at: tuple[bool, ...] = field(init=False, repr=False, compare=False)  # [n]: method_for(n) == "mm"
+    _mm_below: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
@@ -124,6 +125,8 @@ class GemmChoice:
             raise ValueError(f"unknown GEMM method(s) {bad}; expected one of {GEMM_METHODS}")
         object.__setattr__(self, "_limits", tuple(math.sqrt(a * b) for a, b in zip(self.rows, self.rows[1:])))
         object.__setattr__(self, "_mm_at", tuple(self.method_for(n) == "mm" for n in range(MM_TABLE_ROWS)))
+        object.__setattr__(self, "_mm_below", next((n for n in range(1, MM_TABLE_ROWS) if not self._mm_at[n]),
+                                                   MM_TABLE_ROWS))  # blocks of 1 .. _mm_below - 1 rows: all "mm"
 
     def method_for(self, n: int) -> str:
         """The method for a block of n rows."""
@@ -138,8 +141,11 @@ class GemmChoice:
         """Whether at least half of the blocks of these row counts run as one plain torch.mm (blocks of 0 rows,
         which run nothing, are not counted). A table lookup per block below MM_TABLE_ROWS rows: a forward asks
         this with E blocks, on the clock."""
+        top = max(sizes, default=0)
+        if top < self._mm_below:
+            return True  # every block with rows is a torch.mm (the common case at decode: one lookup)
         zeros = sizes.count(0)
-        if sizes and max(sizes) < MM_TABLE_ROWS:
+        if top < MM_TABLE_ROWS:
             mm = sum(map(self._mm_at.__getitem__, sizes)) - zeros * self._mm_at[0]
         else:
             mm = sum(self.method_for(n) == "mm" for n in sizes if n)

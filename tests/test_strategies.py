@@ -347,7 +347,8 @@ GROUPED_FN = moe_ref.strategy.get_strategy("grouped")
 @given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_small_batches_loop_in_torchs_grouped_gemm_with_the_same_bits(cfg, dtype):
     """On one thread every small-batch GEMM is a plain torch.mm: ffn_rows loops over them in torch's grouped GEMM
-    (where its 16-byte rule holds and most experts have rows), and the result is bit for bit the Python loop's."""
+    (where its 16-byte rule holds and at least a quarter of the experts have rows), and the result is bit for bit
+    the Python loop's."""
     T, D, F, E, K, renorm, seed = cfg
     layer, x = make_case(T, D, F, E, K, seed=seed, renormalize=renorm)
     low = moe_ref.MoELayer(layer.cfg, dtype=dtype)
@@ -367,7 +368,7 @@ def test_small_batches_loop_in_torchs_grouped_gemm_with_the_same_bits(cfg, dtype
             torch.set_num_threads(before)
     active = len(set(r.topk_ids.flatten().tolist()))
     aligned = (D * xl.element_size()) % 16 == 0 and (F * xl.element_size()) % 16 == 0
-    fits = aligned and 0 < active and 4 * active >= 3 * E  # most experts with rows
+    fits = aligned and 0 < active and 4 * active >= E  # at least a quarter of the experts with rows
     assert len(calls) == int(fits)
     assert torch.equal(y, want)
 
