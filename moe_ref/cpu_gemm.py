@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -174,9 +175,10 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, flo
     number = {k: max(1, math.ceil(2e-3 / max(timer(f).timeit(1).median, 1e-7)))
               for k, f in fns.items()}  # ~2 ms per measurement
     times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:  # the order rotates round by round
+    order, rng = list(fns), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)  # a new order each round (seeded): no method always runs right after the same one
+        for k in order:
             times[k].append(timer(fns[k]).timeit(number[k]).median)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 

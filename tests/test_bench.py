@@ -136,11 +136,17 @@ def test_time_cpu_interleaves_pins_threads_and_keeps_median_and_iqr():
         seen.append((threads, torch.get_num_threads()))
         return lambda: (fn(), 0.001)[1]
 
-    t = timing.time_cpu(fns, rounds=3, warmup=1, threads=1, clock=clock)
-    # one warm-up round, then three rounds, interleaved, each starting one fn later (each follows every other)
-    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    t = timing.time_cpu(fns, rounds=12, warmup=1, threads=1, clock=clock)
+    assert order[:3] == ["a", "b", "c"]  # one warm-up round
+    rounds = [order[i:i + 3] for i in range(3, len(order), 3)]
+    assert len(rounds) == 12 and all(sorted(r) == ["a", "b", "c"] for r in rounds)  # interleaved: each once a round
+    behind = {n: {r[i - 1] for r in rounds for i in range(1, 3) if r[i] == n} for n in fns}  # within a round
+    assert all(b == set(fns) - {n} for n, b in behind.items()), behind  # each fn ran right after each other one
     assert seen == [(1, 1)] * 3 and torch.get_num_threads() == before  # pinned, then restored
-    assert t["a"]["threads"] == 1 and t["a"]["times_s"] == [0.001] * 3 and t["a"]["iqr_s"] == 0
+    assert t["a"]["threads"] == 1 and t["a"]["times_s"] == [0.001] * 12 and t["a"]["iqr_s"] == 0
+    again = []
+    timing.time_cpu({n: (lambda n=n: again.append(n)) for n in fns}, rounds=12, warmup=1, clock=clock)
+    assert again == order  # seeded: the same orders on every run
     t = timing.time_cpu({"f": _named("f")}, rounds=5, warmup=0, clock=_fake_clock({"f": [5, 1, 3, 2, 4]}))
     assert t["f"]["median_s"] == 3 and t["f"]["iqr_s"] == pytest.approx(2.0)  # quartiles 2 and 4
     for bad in (dict(rounds=0), dict(warmup=-1), dict(threads=0), dict(threads=True)):

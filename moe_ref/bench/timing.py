@@ -8,7 +8,8 @@ Timer(device)(fn) -> {median_ms, p20_ms, p80_ms, min_ms, reps}:
   CPU:  torch.utils.benchmark.Timer.blocked_autorange(min_run_time=budget): medians of blocks of calls.
 time_cpu(fns, rounds, threads) is the one CPU harness: torch's thread count pinned (and recorded) for the run,
 every callable timed once per round by torch.utils.benchmark, the rounds interleaved across callables (one
-busy moment of the machine hits all of them alike), the median and the interquartile range of each kept.
+busy moment of the machine hits all of them alike) in an order shuffled round by round (no callable always
+inherits the caches of the same neighbour), the median and the interquartile range of each kept.
 paired_ratio(a, b) compares two of its timings round by round: the median of a's time over b's in the same
 round, so a slow phase of the machine that spans a round slows both sides of each ratio alike.
 distrust(timed, bound) names what cannot be trusted: a callable faster than its own bound by more than
@@ -18,6 +19,7 @@ BEAT_BOUND (paired), or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy p
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 from typing import Callable
 
@@ -30,6 +32,7 @@ __all__ = ["Timer", "time_cpu", "paired_ratio", "distrust", "warn_if_busy", "BUS
            "summary", "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
+ORDER_SEED = 0  # time_cpu's shuffles of the order, round by round
 
 
 def _quantile(sorted_ts: list[float], q: float) -> float:
@@ -98,8 +101,10 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
              clock: Callable[[Callable[[], object], int], Callable[[], float]] | None = None) -> dict[str, dict]:
     """{name: {median_s, iqr_s, times_s, threads}}: every fn timed once per round, the rounds interleaved across fns.
 
-    The order rotates from round to round (round i starts at the i-th fn), so no fn always runs right after the
-    same other one (whose caches, or whose freed memory, it would inherit every time).
+    The order is shuffled from round to round (seeded: the same orders on every run), so no fn always runs right
+    after the same other one, whose caches or freed memory it would inherit every time. (Rotating one fixed order
+    would not do: it keeps every fn behind the same neighbour. It kept the bench's bound behind hf_batched_mm, which
+    gathers hundreds of MiB of weights, and the bound came out slower than strategies that contain it.)
     threads: torch's intra-op thread count for the run (default: the current one), set before and restored
     after. clock(fn, threads) -> a function returning the seconds of one call of fn (default: one
     torch.utils.benchmark Timer.timeit(1) per call); tests pass a fake one.
@@ -120,10 +125,10 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
             for f in fns.values():
                 f()
         times: dict[str, list[float]] = {n: [] for n in fns}
-        names = list(clocks)
-        for i in range(rounds):  # round i starts at the i-th fn: each follows every other in turn, not always one
-            k = i % len(names)
-            for n in names[k:] + names[:k]:
+        order, rng = list(clocks), random.Random(ORDER_SEED)
+        for _ in range(rounds):
+            rng.shuffle(order)  # a new order each round: each fn follows different ones
+            for n in order:
                 times[n].append(clocks[n]())
     finally:
         torch.set_num_threads(before)
