@@ -31,7 +31,7 @@ from torch.utils.benchmark import Timer
 
 __all__ = ["GEMM_METHODS", "GROUPED_MM_DTYPES", "grouped_mm_fn", "CHOICE_ROWS", "GemmChoice",
            "choose_gemms", "fixed_choice", "time_gemms", "column_chunks", "chunks_for", "expert_mm", "packed_linear",
-           "SPLIT_ROWS", "SPLIT_MIN_COLS", "SPLIT_DTYPES"]
+           "SPLIT_ROWS", "SPLIT_MIN_COLS", "SPLIT_DTYPES", "SPLIT_PAYS", "split_pays"]
 
 GEMM_METHODS = ("mm", "split", "packed")
 CHOICE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # rows per expert at which prepack times the methods
@@ -226,3 +226,31 @@ def choose_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = 
     seconds = time_gemms(w, packed, rows, rounds, measure)
     methods = tuple(min(s, key=s.get) for s in seconds)
     return GemmChoice(tuple(rows), methods, tuple(seconds), torch.get_num_threads())
+
+
+SPLIT_PAYS: bool | None = None  # force split_pays' answer (tests, or a user who knows the machine); None: measure
+PROBE_ROWS = (2, 16)  # split_pays times both methods at these row counts ...
+PROBE_SHAPE = (16, 512, 512)  # ... on 16 float32 experts of [512, 512] (16 MiB: not from cache)
+_SPLIT_PAYS: dict[int, bool] = {}  # torch's thread count -> the measured answer
+
+
+def split_pays(measure: Callable | None = None) -> bool:
+    """Whether the column split (expert_mm with column_chunks) beats one torch.mm for a float32 GEMM on few rows on
+    this machine at torch's current thread count: the rule of the plain path (grouped without prepack) for blocks of
+    at most SPLIT_ROWS rows.
+
+    It depends on the BLAS, not on the weight: MKL kept such products on one thread on the AMD EPYC of this project's
+    development (the split took 0.39-0.91x of one torch.mm there) and shared them on an Intel Xeon (the split 1.1-1.4x
+    slower). So it is measured once per thread count in a process (time_gemms at PROBE_ROWS on PROBE_SHAPE, ~0.1 s, on
+    the first plain float32 forward with more than one thread), and yes only where the split wins at every probed
+    row count. SPLIT_PAYS, when not None, answers instead. `measure` replaces the timer (tests).
+    """
+    if SPLIT_PAYS is not None:
+        return SPLIT_PAYS
+    threads = torch.get_num_threads()
+    if threads not in _SPLIT_PAYS or measure is not None:
+        w = torch.randn(*PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            times = time_gemms(w, None, PROBE_ROWS, ROUNDS, measure)
+        _SPLIT_PAYS[threads] = all("split" in t and t["split"] < t["mm"] for t in times)
+    return _SPLIT_PAYS[threads]

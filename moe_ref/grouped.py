@@ -7,8 +7,9 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
               `ffn_rows` is the one per-expert loop both use, on the blocks `expert_blocks` names; each of its
               GEMMs goes through `ExpertGemms`: after prepack (moe_ref.packing, CPU) by the method timed fastest
               for its row count (moe_ref.cpu_gemm: torch.mm, a column split, or the packed copy), else
-              `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows, one torch.bmm over
-              column chunks of the weight, so that every core gets a share).
+              `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows, where cpu_gemm.split_pays
+              measured that it beats one torch.mm, one torch.bmm over column chunks of the weight, so that every core
+              gets a share).
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -24,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as Fn
 
-from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn
+from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, split_pays
 from .grouping import DispatchPlan, group_by_expert
 from .packing import packed_for
 from .permute import permute, unpermute
@@ -83,7 +84,8 @@ class ExpertGemms:
 
     After prepack (moe_ref.packing), by the method its timing chose for n rows (cpu_gemm.GemmChoice: one torch.mm,
     a column split, or the packed copy in oneDNN's blocked layout); without it, expert_mm on the plain weight's
-    transposed view, split by columns where column_chunks allows and n <= SPLIT_ROWS. Decided once per call (the
+    transposed view, split by columns where column_chunks allows, n <= SPLIT_ROWS and split_pays (measured once per
+    thread count). Decided once per call (the
     few µs of the decision are not paid per expert). `experts`: the experts that will be asked for (their views
     only are made when they are few, all E from one unbind otherwise).
     """
@@ -99,6 +101,8 @@ class ExpertGemms:
             return
         self._w, self._experts, self._wt = w, experts, None
         self.chunks = column_chunks(x, w, out)
+        if self.choice is None and self.chunks > 1 and not split_pays():
+            self.chunks = 1  # the plain rule splits only where that beats one torch.mm on this machine
 
     @property
     def wt(self):
@@ -127,14 +131,15 @@ def loop_in_cpp(x: torch.Tensor, w: torch.Tensor, sizes: list[int], out: torch.T
     """Whether blocks of these row counts (one per expert, 0 for none) of the GEMMs rows-of-x @ w[e].t() may all run
     as plain torch.mm looped inside torch's grouped GEMM (torch_grouped_gemms); `out` as for column_chunks.
 
-    Without prepack: when each already is one plain torch.mm (the same bits). After prepack: when at least half of
+    Without prepack: when each already is one plain torch.mm (the same bits: no column split where column_chunks
+    or split_pays rule it out, or the blocks are past SPLIT_ROWS). After prepack: when at least half of
     them are by the timed choice (the others then run torch.mm too: measured on the dev machine, a Python loop that
     switches between methods loses more, ~10 µs per GEMM at cpu-fine float32 T=64, than the minority's chosen
     method gains). Never for a fixed "packed" choice (tune=False).
     """
     packed = packed_for(w)
     if packed is None:
-        return column_chunks(x, w, out) == 1 or min(n for n in sizes if n) > SPLIT_ROWS
+        return column_chunks(x, w, out) == 1 or min(n for n in sizes if n) > SPLIT_ROWS or not split_pays()
     if packed.choice.threads not in (0, torch.get_num_threads()):
         _warn_threads(packed)
     return packed.choice.mostly_mm(sizes)

@@ -232,6 +232,40 @@ def test_expert_mm_split_is_one_bmm_equal_to_the_product(two_threads, monkeypatc
     torch.testing.assert_close(out.double(), a.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
 
 
+def test_split_pays_is_measured_once_per_thread_count(two_threads, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_SPLIT_PAYS", {})
+    monkeypatch.setattr(cpu_gemm, "PROBE_SHAPE", (3, 256, 64))
+    seen = []
+
+    def measure(winner):
+        def m(fns, rounds):
+            seen.append(sorted(fns))
+            return {k: 1.0 if k == winner else 2.0 for k in fns}
+        return m
+
+    assert cpu_gemm.split_pays(measure("split")) is True and seen == [["mm", "split"]] * 2  # at both PROBE_ROWS
+    assert cpu_gemm.split_pays() is True and len(seen) == 2  # cached for 2 threads
+    assert cpu_gemm.split_pays(measure("mm")) is False
+    torch.set_num_threads(1)  # nothing to split: the probe times torch.mm alone and says no
+    assert cpu_gemm.split_pays(measure("mm")) is False and seen[-1] == ["mm"]
+    monkeypatch.setattr(cpu_gemm, "SPLIT_PAYS", True)
+    assert cpu_gemm.split_pays() is True
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_the_plain_path_splits_only_where_the_split_pays(two_threads, monkeypatch, pays):
+    layer, x = make_case(6, 64, 128, 4, 2, seed=3, dtype=torch.float32)
+    r = layer.route(x)
+    monkeypatch.setattr(cpu_gemm, "SPLIT_PAYS", pays)
+    monkeypatch.setattr(grouped, "CPP_LOOP", False)  # count the Python loop's GEMMs
+    bmm = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: bmm.append(1) or real(*a, **k))
+    y = moe_ref.strategy.get_strategy("grouped")(x, r, layer.w13, layer.w2).y
+    assert bool(bmm) == pays  # w13 [4, 256, 64] in 4 column chunks (w2 has too few columns to split)
+    assert_close(y, moe_ref.reference_moe(x.double(), r, layer.w13.double(), layer.w2.double()), torch.float32)
+
+
 @given(cfg=configs(), staged=st.booleans())
 def test_grouped_with_split_gemms_matches_reference(cfg, staged):
     T, D, F, E, K, renorm, seed = cfg
@@ -242,6 +276,7 @@ def test_grouped_with_split_gemms_matches_reference(cfg, staged):
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_gemm, "SPLIT_MIN_COLS", 1)  # split even these small GEMMs
+        mp.setattr(cpu_gemm, "SPLIT_PAYS", True)  # ... whatever this machine's BLAS prefers
         if not staged:
             mp.setattr(grouped, "STAGED_BYTES", 0)
             mp.setattr(grouped, "STAGED_BYTES_PER_EXPERT", 0)
