@@ -207,8 +207,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     methods; another method sums the same products in another order).
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
-    out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
     if needs_grad(xs, w13, w2):  # autograd: out of place per expert, each block sliced as it is written
+        out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
         for e in _active(bounds):
             rows = slice(bounds[e], bounds[e + 1])
             out[rows] = swiglu(xs[rows] @ w13[e].t()) @ w2[e].t()
@@ -216,11 +216,12 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     sizes = [b - a for a, b in zip(bounds, bounds[1:])]  # [E] rows per expert
     idle = sizes.count(0)
     if idle == E:
-        return out  # no rows
+        return xs.new_empty(N, w2.shape[1]) if out is None else out  # no rows
     staged = N * 2 * F * xs.element_size() <= max(STAGED_BYTES, (E - idle) * STAGED_BYTES_PER_EXPERT)
     if (staged and CPP_LOOP and 4 * (E - idle) >= E and torch_loop_fits(xs, w13, w2)
             and loop_in_cpp(xs, w13, sizes) and loop_in_cpp(xs, w2, sizes, out)):
         return torch_grouped_gemms(xs, bounds, w13, w2)  # torch's loop visits all E groups: >= 1/4 have rows here
+    out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
     active = [e for e, n in enumerate(sizes) if n]
     few = len(active) * 4 < E
 
