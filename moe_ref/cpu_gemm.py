@@ -39,6 +39,7 @@ COLD_BYTES = 16 << 20  # a timed pass cycles through experts until it reads this
 PASS_FLOP = 4e8  # ... or until it does this much work (at least one expert)
 ROUNDS = 5  # interleaved rounds per row count; the median decides
 MM_TABLE_ROWS = 4096  # GemmChoice.mostly_mm looks row counts below this up in a table
+BATCHED_ROWS = 256  # prepack also times one torch.bmm over the experts ("batched") up to this many rows each
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -117,6 +118,7 @@ class GemmChoice:
     _limits: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _mm_at: tuple[bool, ...] = field(init=False, repr=False, compare=False)  # [n]: method_for(n) == "mm"
     _mm_below: int = field(init=False, repr=False, compare=False)
+    _cost: tuple[float, ...] | None = field(init=False, repr=False, compare=False)  # [i]: seconds of methods[i]
 
     def __post_init__(self):
         if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
@@ -128,6 +130,8 @@ class GemmChoice:
         object.__setattr__(self, "_mm_at", tuple(self.method_for(n) == "mm" for n in range(MM_TABLE_ROWS)))
         object.__setattr__(self, "_mm_below", next((n for n in range(1, MM_TABLE_ROWS) if not self._mm_at[n]),
                                                    MM_TABLE_ROWS))  # blocks of 1 .. _mm_below - 1 rows: all "mm"
+        timed = len(self.seconds) == len(self.rows)
+        object.__setattr__(self, "_cost", tuple(s[m] for s, m in zip(self.seconds, self.methods)) if timed else None)
 
     def method_for(self, n: int) -> str:
         """The method for a block of n rows."""
@@ -151,6 +155,29 @@ class GemmChoice:
         else:
             mm = sum(self.method_for(n) == "mm" for n in sizes if n)
         return 2 * mm >= len(sizes) - zeros
+
+    def loop_seconds(self, sizes: list[int]) -> float | None:
+        """The timed seconds of these blocks' GEMMs one by one, each by its method (the median at the nearest timed
+        row count, times nothing for blocks of 0 rows); None for a fixed choice."""
+        if self._cost is None:
+            return None
+        cost, limits = self._cost, self._limits
+        return sum(cost[bisect.bisect_left(limits, n)] for n in sizes if n)
+
+    def batched_seconds(self, rows: int, experts: int) -> float | None:
+        """The timed seconds of one torch.bmm over `experts` blocks of `rows` rows (padded: every expert the same
+        rows), from "batched" interpolated linearly in rows between the timed row counts around it; None where it
+        was not timed (past BATCHED_ROWS or the last timed count, or a fixed choice)."""
+        if self._cost is None or rows > BATCHED_ROWS or rows > self.rows[-1]:
+            return None
+        i = bisect.bisect_left(self.rows, rows)  # rows[i-1] < rows <= rows[i]
+        hi = self.seconds[i].get("batched")
+        if hi is None:
+            return None
+        if i == 0 or self.rows[i] == rows:
+            return hi * experts
+        lo, r0, r1 = self.seconds[i - 1].get("batched"), self.rows[i - 1], self.rows[i]
+        return None if lo is None else (lo + (hi - lo) * (rows - r0) / (r1 - r0)) * experts
 
     def as_dict(self) -> dict:
         """{rows: {method, us: the medians in µs}}, for a JSON record or a printout."""
@@ -184,25 +211,32 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, flo
 
 
 def _candidates(a: torch.Tensor, out: torch.Tensor, w: torch.Tensor, experts: range, chunks: int,
-                packed: tuple | None) -> dict[str, Callable[[], object]]:
-    """{method: one pass, a GEMM of a per expert into out} for the methods that apply."""
+                packed: tuple | None, batched: bool = False) -> dict[str, Callable[[], object]]:
+    """{method: one pass, a GEMM of a per expert into out} for the methods that apply; "batched": the same GEMMs as
+    one torch.bmm of [m, n, K] rows (one block per expert) by the m experts' weights."""
     wt = [w[e].t() for e in experts]  # [K, N] views
     fns = {"mm": lambda: [torch.mm(a, t, out=out) for t in wt]}
     if chunks > 1:
         fns["split"] = lambda: [expert_mm(a, t, out, chunks) for t in wt]
     if packed is not None:
         fns["packed"] = lambda: [packed_linear(a, packed[e], out) for e in experts]
+    if batched:
+        m = len(experts)
+        a3 = a.expand(m, *a.shape).contiguous()  # [m, n, K]
+        o3, w3 = a.new_empty(m, a.shape[0], w.shape[1]), w[experts.start:experts.stop].transpose(1, 2)
+        fns["batched"] = lambda: torch.bmm(a3, w3, out=o3)
     return fns
 
 
 def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CHOICE_ROWS, rounds: int = ROUNDS,
-               measure: Callable | None = None) -> list[dict[str, float]]:
+               measure: Callable | None = None, batched: bool = False) -> list[dict[str, float]]:
     """For each row count n: {method: median seconds per GEMM of n rows} of w's candidate methods.
 
     A timed pass runs one GEMM per expert over enough experts to read COLD_BYTES of weight (as a forward does, so
     small weights are not timed from the L2 cache alone) or to do PASS_FLOP of work, whichever comes first.
     Candidates: "mm"; "split" where column_chunks allows it and n <= SPLIT_ROWS; "packed" when `packed` (one packed
-    tensor per expert) is given. `measure(fns, rounds)` -> {name: seconds per call} replaces the timer (tests).
+    tensor per expert) is given; with `batched`, "batched" (one torch.bmm over the pass's experts) for
+    n <= BATCHED_ROWS. `measure(fns, rounds)` -> {name: seconds per call} replaces the timer (tests).
     """
     measure = measure or _measure
     E, N, K = w.shape
@@ -215,16 +249,17 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
             per = N * K * w.element_size()
             m = max(1, min(E, math.ceil(COLD_BYTES / per), int(PASS_FLOP // (2 * n * N * K))))
             chunks = column_chunks(a, w, out) if n <= SPLIT_ROWS else 1
-            fns = _candidates(a, out, w, range(m), chunks, packed)
+            fns = _candidates(a, out, w, range(m), chunks, packed, batched and n <= BATCHED_ROWS)
             out_rows.append({k: v / m for k, v in measure(fns, rounds).items()})
     return out_rows
 
 
 def choose_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CHOICE_ROWS,
                  rounds: int = ROUNDS, measure: Callable | None = None) -> GemmChoice:
-    """The fastest method at each row count (time_gemms), as a GemmChoice."""
-    seconds = time_gemms(w, packed, rows, rounds, measure)
-    methods = tuple(min(s, key=s.get) for s in seconds)
+    """The fastest per-block method at each row count (time_gemms, "batched" timed too and kept in the seconds),
+    as a GemmChoice."""
+    seconds = time_gemms(w, packed, rows, rounds, measure, batched=True)
+    methods = tuple(min((k for k in s if k in GEMM_METHODS), key=s.get) for s in seconds)
     return GemmChoice(tuple(rows), methods, tuple(seconds), torch.get_num_threads())
 
 

@@ -173,6 +173,45 @@ def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, 
     return gmm(a, w2.transpose(1, 2), offs=offs)  # [N, D], a new tensor: torch's grouped GEMM takes no out=
 
 
+BATCHED = True  # after prepack, a small batch may run as one padded torch.bmm per weight where that was timed faster
+BATCHED_MARGIN = 0.85  # ... by this factor at least: the padded path's copies in and out are not in the timing
+
+
+def batched_pays(w13: torch.Tensor, w2: torch.Tensor, sizes: list[int]) -> bool:
+    """Whether prepack's timings say one padded torch.bmm per weight (padded_gemms: every expert's block padded to
+    the busiest one's C rows) beats these blocks' GEMMs one by one: the "batched" seconds at C rows for all E
+    experts (interpolated in C) against BATCHED_MARGIN x the sum of each block's chosen method, both weights
+    together. False without prepack's timing or past BATCHED_ROWS. Measured on the dev machine (Xeon, bf16,
+    cpu-fine, ffn only): 0.58-0.60x of the loop at T=16-64, 0.90x at T=256, 1.03x and 1.09x at T=512 and 1024 (where
+    the margin now says no); slower for E=8 large experts, for float32, and where few experts have rows."""
+    pu, pd = packed_for(w13), packed_for(w2)
+    if pu is None or pd is None:
+        return False
+    E, C = len(sizes), max(sizes)
+    bu, bd = pu.choice.batched_seconds(C, E), pd.choice.batched_seconds(C, E)
+    if bu is None or bd is None:
+        return False
+    return bu + bd < BATCHED_MARGIN * (pu.choice.loop_seconds(sizes) + pd.choice.loop_seconds(sizes))
+
+
+def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: torch.Tensor, w2: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    """ffn_rows's small-batch steps as two torch.bmm: the blocks of xs [N, D] copied into a zeroed [E, C, D] (C the
+    largest block), [E, C, D] @ w13^T -> SwiGLU -> @ w2^T, and each row's output written back to out [N, D] in
+    grouped order (out may be xs: xs is read in full first). The padding rows are zeros and give zeros (SwiGLU of
+    0 is 0); they cost GEMM rows, which at decode are nearly free beside reading the weights once per call."""
+    E, N, C, F = len(sizes), bounds[-1], max(sizes), w2.shape[2]
+    shift = torch.frombuffer(array.array("q", [e * C - bounds[e] for e in range(E)]), dtype=torch.int64)  # [E]
+    dest = torch.arange(N) + shift.repeat_interleave(torch.frombuffer(array.array("q", sizes), dtype=torch.int64),
+                                                     output_size=N)  # [N] row of each grouped row in [E*C]
+    buf = xs.new_zeros(E * C, xs.shape[1])  # [E*C, D]
+    buf.index_copy_(0, dest, xs)
+    h = torch.bmm(buf.view(E, C, -1), w13.transpose(1, 2))  # [E, C, 2F]: gate | up
+    a = Fn.silu(h[..., :F])  # [E, C, F]
+    a.mul_(h[..., F:])
+    return torch.index_select(torch.bmm(a, w2.transpose(1, 2)).view(E * C, -1), 0, dest, out=out)  # [N, D]
+
+
 def _warn_threads(packed) -> None:
     if not packed.warned_threads:
         packed.warned_threads = True
@@ -201,6 +240,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
         (decode: E views would cost more than the few experts' GEMMs);
       - small batches where at least 1/4 of the experts have rows and their GEMMs are (mostly, after prepack) plain
         torch.mm: the two loops of GEMMs inside torch's grouped GEMM (torch_grouped_gemms: torch.mm per block, C++);
+      - other small batches, after prepack, where its timings say so (batched_pays): one padded torch.bmm per weight
+        over all E experts (padded_gemms);
       - every GEMM through ExpertGemms: by the method prepack timed fastest for its row count (torch.mm, a column
         split or the packed copy), else one torch.mm each (float32 on few rows, several threads: split by columns).
     Either way each row gets its expert's GEMMs and the same elementwise SwiGLU (the same bits for the same
@@ -222,6 +263,8 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
             and loop_in_cpp(xs, w13, sizes) and loop_in_cpp(xs, w2, sizes, out)):
         return torch_grouped_gemms(xs, bounds, w13, w2)  # torch's loop visits all E groups: >= 1/4 have rows here
     out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
+    if staged and BATCHED and batched_pays(w13, w2, sizes):
+        return padded_gemms(xs, bounds, sizes, w13, w2, out)
     active = [e for e, n in enumerate(sizes) if n]
     few = len(active) * 4 < E
 

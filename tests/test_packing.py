@@ -226,8 +226,12 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
         return {k: float(i + 1) for i, k in enumerate(sorted(fns))}
 
     c = cpu_gemm.choose_gemms(w, packed, rows=(1, 8), measure=measure)
-    assert seen == [["mm", "packed"]] * 2 and c.methods == ("mm", "mm")
-    assert c.seconds[0] == {"mm": 1 / 6, "packed": 2 / 6}  # per GEMM: the pass over 6 experts
+    assert seen == [["batched", "mm", "packed"]] * 2  # the bmm over the pass's experts is timed too ...
+    assert c.methods == ("mm", "mm")  # ... but is no method for one block, even when fastest
+    assert c.seconds[0] == {"batched": 1 / 6, "mm": 2 / 6, "packed": 3 / 6}  # per GEMM: the pass over 6 experts
+    assert c.batched_seconds(1, 6) == pytest.approx(1.0) and c.batched_seconds(8, 6) == pytest.approx(1.0)
+    assert c.batched_seconds(4, 6) == pytest.approx(1.0) and c.batched_seconds(9, 6) is None  # past the last count
+    assert c.loop_seconds([0, 1, 2, 8]) == pytest.approx(3 * 2 / 6)  # three blocks, each by mm
     mixed = GemmChoice((1, 4, 16, 64), ("mm", "packed", "mm", "mm"))
     assert mixed.mostly_mm([1, 3, 16]) and mixed.mostly_mm([1, 4]) and not mixed.mostly_mm([1, 4, 3])
     assert cpu_gemm.choose_gemms(w, None, rows=(1,), measure=measure).methods == ("mm",)
@@ -246,14 +250,39 @@ def test_prepack_times_real_gemms_and_the_layer_reports_the_choice():
     assert set(choices) == {"w13", "w2"}
     for c in choices.values():
         assert [int(n) for n in c] == list(cpu_gemm.CHOICE_ROWS)
-        for v in c.values():
+        for n, v in c.items():
             assert v["method"] in v["us"] and set(v["us"]) >= {"mm", "packed"}
+            assert ("batched" in v["us"]) == (int(n) <= cpu_gemm.BATCHED_ROWS)
             assert all(t > 0 for t in v["us"].values())
-            assert v["us"][v["method"]] == min(v["us"].values())
+            assert v["us"][v["method"]] == min(t for k, t in v["us"].items() if k != "batched")
     r = layer.route(x)
     assert_close(GROUPED(x, r, layer.w13, layer.w2).y, moe_ref.reference_moe(x.double(), r, layer.w13.double(),
                  layer.w2.double()), torch.float32)
     assert layer.unpack().gemm_choices() == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_small_batch_runs_as_one_padded_bmm_per_weight_where_that_was_timed_faster(dtype):
+    layer, x = make_case(24, 32, 16, 6, 2, seed=5)
+    low = low_copy(layer, dtype)
+    r = layer.route(x)
+    want = moe_ref.reference_moe(x, r, layer.w13, layer.w2)
+    counts = torch.bincount(r.topk_ids.flatten(), minlength=6)
+    for batched, used in ((0.01, True), (100.0, False)):
+        moe_ref.prepack(low.w13, low.w2, measure=lambda fns, rounds, b=batched: {  # packed per block (no C++ loop)
+            k: b if k == "batched" else 1.0 if k == "packed" else 2.0 for k in fns})
+        calls = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "bmm", lambda a, b, real=torch.bmm, seen=calls, **kw: seen.append(tuple(a.shape))
+                       or real(a, b, **kw))
+            s = grouped_steps(x.to(dtype), r, low.w13, low.w2)
+            y = GROUPED(x.to(dtype), r, low.w13, low.w2).y
+        C = int(counts.max())
+        assert calls == ([(6, C, 32), (6, C, 16)] * 2 if used else []), (batched, calls)  # [E, C, D], [E, C, F]
+        assert_close(s.y, want, dtype, msg=f"batched={batched}")
+        assert torch.equal(y, s.y)
+        for e, rows in grouped.expert_blocks(s.plan):  # every block through its own expert
+            assert_close(s.ys[rows], moe_ref.expert_ffn(s.xs[rows].double(), layer.w13[e], layer.w2[e]), dtype)
 
 
 @given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000),
