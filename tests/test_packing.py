@@ -53,7 +53,7 @@ def test_grouped_on_packed_weights_matches_reference(cfg, staged, dtype):
         s = grouped_steps(x.to(dtype), r, low.w13, low.w2)
         y = GROUPED(x.to(dtype), r, low.w13, low.w2).y
         out = low(x.to(dtype), routing=r)
-    want = moe_ref.reference_moe(x, r, layer.w13, layer.w2)
+    want = moe_ref.reference_moe(x.to(dtype).double(), r, low.w13.double(), low.w2.double())  # on the rounded inputs
     assert_close(s.y, want, dtype, msg=f"packed T={T} D={D} F={F} E={E} K={K} {dtype}")
     assert torch.equal(y, s.y) and torch.equal(out.output, s.y)  # the strategy is these steps, bit for bit
 
@@ -287,6 +287,7 @@ def test_a_small_batch_runs_as_one_padded_bmm_per_weight_where_that_was_timed_fa
 
 @given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000),
        staged=st.booleans())
+@example(cfg=(33, 4, 8, 1, 1, False, 6721), dtype=torch.bfloat16, seed=0, staged=False)
 def test_grouped_on_any_mix_of_gemm_methods_matches_reference(cfg, dtype, seed, staged):
     """Whatever the timing chose per row count (here at random), every row gets its expert's FFN."""
     T, D, F, E, K, renorm, s = cfg
@@ -307,7 +308,10 @@ def test_grouped_on_any_mix_of_gemm_methods_matches_reference(cfg, dtype, seed, 
             y = GROUPED(x.to(dtype), r, low.w13, low.w2).y
         finally:
             torch.set_num_threads(before)
-    assert_close(y, moe_ref.reference_moe(x, r, layer.w13, layer.w2), dtype, msg=f"T={T} D={D} F={F} E={E} K={K}")
+    # against the float64 reference on the very inputs the methods got (x and the weights rounded to dtype): the
+    # rounding of the inputs alone can move a bf16 output by more than the tolerance (T=33 D=4 F=8 E=1 K=1)
+    want = moe_ref.reference_moe(x.to(dtype).double(), r, low.w13.double(), low.w2.double())
+    assert_close(y, want, dtype, msg=f"T={T} D={D} F={F} E={E} K={K}")
 
 
 def test_the_chosen_method_runs_and_an_unchosen_packed_copy_is_not_kept(packed_calls):
