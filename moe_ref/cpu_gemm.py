@@ -31,7 +31,7 @@ from torch.utils.benchmark import Timer
 
 __all__ = ["GEMM_METHODS", "GROUPED_MM_DTYPES", "grouped_mm_fn", "CHOICE_ROWS", "GemmChoice",
            "choose_gemms", "fixed_choice", "time_gemms", "column_chunks", "chunks_for", "expert_mm", "packed_linear",
-           "SPLIT_ROWS", "SPLIT_MIN_COLS", "SPLIT_DTYPES", "SPLIT_PAYS", "split_pays"]
+           "SPLIT_ROWS", "SPLIT_MIN_COLS", "SPLIT_DTYPES", "SPLIT_PAYS", "split_pays", "plain_chunks"]
 
 GEMM_METHODS = ("mm", "split", "packed")
 CHOICE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # rows per expert at which prepack times the methods
@@ -46,6 +46,10 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SPLIT_ROWS = 256  # float32 CPU GEMMs on at most this many rows may run as column chunks (column_chunks)
 SPLIT_MIN_COLS = 64  # the narrowest column chunk expert_mm makes
 SPLIT_DTYPES = (torch.float32,)
+SPLIT_PAYS: bool | None = None  # force split_pays' answer (tests, or a user who knows the machine); None: measure
+PROBE_ROWS = (2, 16)  # split_pays times both methods at these row counts ...
+PROBE_SHAPE = (16, 512, 512)  # ... on 16 float32 experts of [512, 512] (16 MiB: not from cache)
+_SPLIT_PAYS: dict[int, bool] = {}  # torch's thread count -> the measured answer
 
 
 def grouped_mm_fn():
@@ -118,7 +122,7 @@ class GemmChoice:
     _limits: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _mm_at: tuple[bool, ...] = field(init=False, repr=False, compare=False)  # [n]: method_for(n) == "mm"
     _mm_below: int = field(init=False, repr=False, compare=False)
-    _cost: tuple[float, ...] | None = field(init=False, repr=False, compare=False)  # [i]: seconds of methods[i]
+    _cost_at: tuple[float, ...] | None = field(init=False, repr=False, compare=False)  # [n]: its method's seconds
 
     def __post_init__(self):
         if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
@@ -126,12 +130,14 @@ class GemmChoice:
         bad = [m for m in self.methods if m not in GEMM_METHODS]
         if bad:
             raise ValueError(f"unknown GEMM method(s) {bad}; expected one of {GEMM_METHODS}")
-        object.__setattr__(self, "_limits", tuple(math.sqrt(a * b) for a, b in zip(self.rows, self.rows[1:])))
-        object.__setattr__(self, "_mm_at", tuple(self.method_for(n) == "mm" for n in range(MM_TABLE_ROWS)))
+        limits = tuple(math.sqrt(a * b) for a, b in zip(self.rows, self.rows[1:]))
+        at = [bisect.bisect_left(limits, n) for n in range(MM_TABLE_ROWS)]  # [n]: index of the nearest timed count
+        object.__setattr__(self, "_limits", limits)
+        object.__setattr__(self, "_mm_at", tuple(self.methods[i] == "mm" for i in at))
         object.__setattr__(self, "_mm_below", next((n for n in range(1, MM_TABLE_ROWS) if not self._mm_at[n]),
                                                    MM_TABLE_ROWS))  # blocks of 1 .. _mm_below - 1 rows: all "mm"
-        timed = len(self.seconds) == len(self.rows)
-        object.__setattr__(self, "_cost", tuple(s[m] for s, m in zip(self.seconds, self.methods)) if timed else None)
+        cost = [s[m] for s, m in zip(self.seconds, self.methods)] if len(self.seconds) == len(self.rows) else None
+        object.__setattr__(self, "_cost_at", None if cost is None else (0.0, *(cost[i] for i in at[1:])))
 
     def method_for(self, n: int) -> str:
         """The method for a block of n rows."""
@@ -158,17 +164,20 @@ class GemmChoice:
 
     def loop_seconds(self, sizes: list[int]) -> float | None:
         """The timed seconds of these blocks' GEMMs one by one, each by its method (the median at the nearest timed
-        row count, times nothing for blocks of 0 rows); None for a fixed choice."""
-        if self._cost is None:
+        row count, nothing for blocks of 0 rows; a table lookup per block below MM_TABLE_ROWS rows, as in
+        mostly_mm); None for a fixed choice."""
+        cost = self._cost_at
+        if cost is None:
             return None
-        cost, limits = self._cost, self._limits
-        return sum(cost[bisect.bisect_left(limits, n)] for n in sizes if n)
+        if max(sizes, default=0) < MM_TABLE_ROWS:
+            return sum(map(cost.__getitem__, sizes))
+        return sum(self.seconds[i][self.methods[i]] for i in (bisect.bisect_left(self._limits, n) for n in sizes if n))
 
     def batched_seconds(self, rows: int, experts: int) -> float | None:
         """The timed seconds of one torch.bmm over `experts` blocks of `rows` rows (padded: every expert the same
         rows), from "batched" interpolated linearly in rows between the timed row counts around it; None where it
         was not timed (past BATCHED_ROWS or the last timed count, or a fixed choice)."""
-        if self._cost is None or rows > BATCHED_ROWS or rows > self.rows[-1]:
+        if self._cost_at is None or rows > BATCHED_ROWS or rows > self.rows[-1]:
             return None
         i = bisect.bisect_left(self.rows, rows)  # rows[i-1] < rows <= rows[i]
         hi = self.seconds[i].get("batched")
@@ -263,12 +272,6 @@ def choose_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = 
     return GemmChoice(tuple(rows), methods, tuple(seconds), torch.get_num_threads())
 
 
-SPLIT_PAYS: bool | None = None  # force split_pays' answer (tests, or a user who knows the machine); None: measure
-PROBE_ROWS = (2, 16)  # split_pays times both methods at these row counts ...
-PROBE_SHAPE = (16, 512, 512)  # ... on 16 float32 experts of [512, 512] (16 MiB: not from cache)
-_SPLIT_PAYS: dict[int, bool] = {}  # torch's thread count -> the measured answer
-
-
 def split_pays(measure: Callable | None = None) -> bool:
     """Whether the column split (expert_mm with column_chunks) beats one torch.mm for a float32 GEMM on few rows on
     this machine at torch's current thread count: the rule of the plain path (grouped without prepack) for blocks of
@@ -289,3 +292,10 @@ def split_pays(measure: Callable | None = None) -> bool:
             times = time_gemms(w, None, PROBE_ROWS, ROUNDS, measure)
         _SPLIT_PAYS[threads] = all("split" in t and t["split"] < t["mm"] for t in times)
     return _SPLIT_PAYS[threads]
+
+
+def plain_chunks(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> int:
+    """The column chunks of the plain rule (no prepack): column_chunks where split_pays, else 1 (one torch.mm).
+    The probe runs only where column_chunks would split."""
+    chunks = column_chunks(x, w, out)
+    return chunks if chunks == 1 or split_pays() else 1

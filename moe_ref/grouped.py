@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as Fn
 
-from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, split_pays
+from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, plain_chunks
 from .grouping import DispatchPlan, group_by_expert
 from .packing import packed_for
 from .permute import permute, unpermute
@@ -100,9 +100,8 @@ class ExpertGemms:
             self.mm = self.packed.mm  # every row count on the packed copy
             return
         self._w, self._experts, self._wt = w, experts, None
-        self.chunks = column_chunks(x, w, out)
-        if self.choice is None and self.chunks > 1 and not split_pays():
-            self.chunks = 1  # the plain rule splits only where that beats one torch.mm on this machine
+        # the timed "split" method, or the plain rule (which splits only where that beats one torch.mm here)
+        self.chunks = column_chunks(x, w, out) if self.choice is not None else plain_chunks(x, w, out)
 
     @property
     def wt(self):
@@ -124,12 +123,18 @@ class ExpertGemms:
         return expert_mm(a, self.wt[e], out, self.chunks if method == "split" else 1)
 
 
+def _ints(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A 1-D CPU tensor of these ints, through an array buffer (~2 µs, against ~5 µs for torch.tensor of a list)."""
+    return torch.frombuffer(array.array("q" if dtype == torch.int64 else "i", values), dtype=dtype)
+
+
 CPP_LOOP = True  # small batches of plain torch.mm GEMMs may loop over the experts in torch's grouped GEMM (C++)
 
 
-def loop_in_cpp(x: torch.Tensor, w: torch.Tensor, sizes: list[int], out: torch.Tensor | None = None) -> bool:
+def loop_in_cpp(x: torch.Tensor, w: torch.Tensor, packed, sizes: list[int], out: torch.Tensor | None = None) -> bool:
     """Whether blocks of these row counts (one per expert, 0 for none) of the GEMMs rows-of-x @ w[e].t() may all run
-    as plain torch.mm looped inside torch's grouped GEMM (torch_grouped_gemms); `out` as for column_chunks.
+    as plain torch.mm looped inside torch's grouped GEMM (torch_grouped_gemms); packed = packed_for(w); `out` as
+    for column_chunks.
 
     Without prepack: when each already is one plain torch.mm (the same bits: no column split where column_chunks
     or split_pays rule it out, or the blocks are past SPLIT_ROWS). After prepack: when at least half of
@@ -137,9 +142,8 @@ def loop_in_cpp(x: torch.Tensor, w: torch.Tensor, sizes: list[int], out: torch.T
     switches between methods loses more, ~10 µs per GEMM at cpu-fine float32 T=64, than the minority's chosen
     method gains). Never for a fixed "packed" choice (tune=False).
     """
-    packed = packed_for(w)
     if packed is None:
-        return column_chunks(x, w, out) == 1 or min(n for n in sizes if n) > SPLIT_ROWS or not split_pays()
+        return min(n for n in sizes if n) > SPLIT_ROWS or plain_chunks(x, w, out) == 1
     if packed.choice.threads not in (0, torch.get_num_threads()):
         _warn_threads(packed)
     return packed.choice.mostly_mm(sizes)
@@ -165,7 +169,7 @@ def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, 
     Returns a new [N, D] tensor (copying it into a caller's buffer would cost one more pass over it).
     """
     F = w2.shape[2]
-    offs = torch.frombuffer(array.array("i", bounds[1:]), dtype=torch.int32)  # [E] end row of each block
+    offs = _ints(bounds[1:], torch.int32)  # [E] end row of each block
     gmm = grouped_mm_fn()
     h = gmm(xs, w13.transpose(1, 2), offs=offs)  # [N, 2F]: gate | up
     a = Fn.silu(h[:, :F])  # [N, F]
@@ -177,14 +181,14 @@ BATCHED = True  # after prepack, a small batch may run as one padded torch.bmm p
 BATCHED_MARGIN = 0.85  # ... by this factor at least: the padded path's copies in and out are not in the timing
 
 
-def batched_pays(w13: torch.Tensor, w2: torch.Tensor, sizes: list[int]) -> bool:
+def batched_pays(pu, pd, sizes: list[int]) -> bool:
     """Whether prepack's timings say one padded torch.bmm per weight (padded_gemms: every expert's block padded to
-    the busiest one's C rows) beats these blocks' GEMMs one by one: the "batched" seconds at C rows for all E
+    the busiest one's C rows) beats these blocks' GEMMs one by one, for the packs pu, pd = packed_for(w13),
+    packed_for(w2): the "batched" seconds at C rows for all E
     experts (interpolated in C) against BATCHED_MARGIN x the sum of each block's chosen method, both weights
     together. False without prepack's timing or past BATCHED_ROWS. Measured on the dev machine (Xeon, bf16,
     cpu-fine, ffn only): 0.58-0.60x of the loop at T=16-64, 0.90x at T=256, 1.03x and 1.09x at T=512 and 1024 (where
     the margin now says no); slower for E=8 large experts, for float32, and where few experts have rows."""
-    pu, pd = packed_for(w13), packed_for(w2)
     if pu is None or pd is None:
         return False
     E, C = len(sizes), max(sizes)
@@ -201,9 +205,8 @@ def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: tor
     grouped order (out may be xs: xs is read in full first). The padding rows are zeros and give zeros (SwiGLU of
     0 is 0); they cost GEMM rows, which at decode are nearly free beside reading the weights once per call."""
     E, N, C, F = len(sizes), bounds[-1], max(sizes), w2.shape[2]
-    shift = torch.frombuffer(array.array("q", [e * C - bounds[e] for e in range(E)]), dtype=torch.int64)  # [E]
-    dest = torch.arange(N) + shift.repeat_interleave(torch.frombuffer(array.array("q", sizes), dtype=torch.int64),
-                                                     output_size=N)  # [N] row of each grouped row in [E*C]
+    shift = _ints([e * C - bounds[e] for e in range(E)])  # [E] from a block's grouped rows to its padded rows
+    dest = torch.arange(N) + shift.repeat_interleave(_ints(sizes), output_size=N)  # [N] row of each row in [E*C]
     buf = xs.new_zeros(E * C, xs.shape[1])  # [E*C, D]
     buf.index_copy_(0, dest, xs)
     h = torch.bmm(buf.view(E, C, -1), w13.transpose(1, 2))  # [E, C, 2F]: gate | up
@@ -259,11 +262,12 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
     if idle == E:
         return xs.new_empty(N, w2.shape[1]) if out is None else out  # no rows
     staged = N * 2 * F * xs.element_size() <= max(STAGED_BYTES, (E - idle) * STAGED_BYTES_PER_EXPERT)
+    pu, pd = (packed_for(w13), packed_for(w2)) if staged else (None, None)  # looked up once for both decisions
     if (staged and CPP_LOOP and 4 * (E - idle) >= E and torch_loop_fits(xs, w13, w2)
-            and loop_in_cpp(xs, w13, sizes) and loop_in_cpp(xs, w2, sizes, out)):
+            and loop_in_cpp(xs, w13, pu, sizes) and loop_in_cpp(xs, w2, pd, sizes, out)):
         return torch_grouped_gemms(xs, bounds, w13, w2)  # torch's loop visits all E groups: >= 1/4 have rows here
     out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
-    if staged and BATCHED and batched_pays(w13, w2, sizes):
+    if staged and BATCHED and batched_pays(pu, pd, sizes):
         return padded_gemms(xs, bounds, sizes, w13, w2, out)
     active = [e for e, n in enumerate(sizes) if n]
     few = len(active) * 4 < E
