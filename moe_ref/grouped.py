@@ -224,6 +224,40 @@ def _warn_threads(packed) -> None:
                       stacklevel=4)
 
 
+FFN_PATHS = ("autograd", "empty", "cpp_loop", "batched", "staged", "per_expert")  # ffn_rows's ways (ffn_path)
+
+
+def ffn_path(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
+             out: torch.Tensor | None = None) -> str:
+    """Which of ffn_rows's ways these arguments take (one of FFN_PATHS; ffn_rows makes the same decision):
+    "autograd" (out of place per expert), "empty" (no rows), "cpp_loop" (torch's grouped GEMM loops in C++),
+    "batched" (one padded torch.bmm per weight), "staged" (every up GEMM, one SwiGLU, every down GEMM) or
+    "per_expert" (each expert's GEMM pair in turn). xs may be an empty tensor of the right shape: only its shape,
+    dtype, device, strides and alignment are read."""
+    return _decide(xs, bounds, w13, w2, out)[0]
+
+
+def _decide(xs, bounds, w13, w2, out) -> tuple[str, list[int] | None]:
+    """(path, sizes [E] rows per expert) for ffn_rows and ffn_path."""
+    E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
+    if needs_grad(xs, w13, w2):
+        return "autograd", None
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]  # [E] rows per expert
+    idle = sizes.count(0)
+    if idle == E:
+        return "empty", sizes
+    staged = N * 2 * F * xs.element_size() <= max(STAGED_BYTES, (E - idle) * STAGED_BYTES_PER_EXPERT)
+    if not staged:
+        return "per_expert", sizes
+    pu, pd = packed_for(w13), packed_for(w2)  # looked up once for both decisions
+    if (CPP_LOOP and 4 * (E - idle) >= E and torch_loop_fits(xs, w13, w2)
+            and loop_in_cpp(xs, w13, pu, sizes) and loop_in_cpp(xs, w2, pd, sizes, out)):
+        return "cpp_loop", sizes  # torch's loop visits all E groups: >= 1/4 have rows here
+    if BATCHED and batched_pays(pu, pd, sizes):
+        return "batched", sizes
+    return "staged", sizes
+
+
 def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """ys [N, D] with ys[a:b] = expert_ffn(xs[a:b]) through expert e for each block a, b = bounds[e], bounds[e+1].
@@ -248,26 +282,22 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
       - every GEMM through ExpertGemms: by the method prepack timed fastest for its row count (torch.mm, a column
         split or the packed copy), else one torch.mm each (float32 on few rows, several threads: split by columns).
     Either way each row gets its expert's GEMMs and the same elementwise SwiGLU (the same bits for the same
-    methods; another method sums the same products in another order).
+    methods; another method sums the same products in another order). ffn_path names the way a call takes.
     """
     E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
-    if needs_grad(xs, w13, w2):  # autograd: out of place per expert, each block sliced as it is written
+    path, sizes = _decide(xs, bounds, w13, w2, out)
+    if path == "autograd":  # out of place per expert, each block sliced as it is written
         out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
         for e in _active(bounds):
             rows = slice(bounds[e], bounds[e + 1])
             out[rows] = swiglu(xs[rows] @ w13[e].t()) @ w2[e].t()
         return out
-    sizes = [b - a for a, b in zip(bounds, bounds[1:])]  # [E] rows per expert
-    idle = sizes.count(0)
-    if idle == E:
-        return xs.new_empty(N, w2.shape[1]) if out is None else out  # no rows
-    staged = N * 2 * F * xs.element_size() <= max(STAGED_BYTES, (E - idle) * STAGED_BYTES_PER_EXPERT)
-    pu, pd = (packed_for(w13), packed_for(w2)) if staged else (None, None)  # looked up once for both decisions
-    if (staged and CPP_LOOP and 4 * (E - idle) >= E and torch_loop_fits(xs, w13, w2)
-            and loop_in_cpp(xs, w13, pu, sizes) and loop_in_cpp(xs, w2, pd, sizes, out)):
-        return torch_grouped_gemms(xs, bounds, w13, w2)  # torch's loop visits all E groups: >= 1/4 have rows here
+    if path == "cpp_loop":
+        return torch_grouped_gemms(xs, bounds, w13, w2)
     out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
-    if staged and BATCHED and batched_pays(pu, pd, sizes):
+    if path == "empty":
+        return out
+    if path == "batched":
         return padded_gemms(xs, bounds, sizes, w13, w2, out)
     active = [e for e, n in enumerate(sizes) if n]
     few = len(active) * 4 < E
@@ -277,7 +307,7 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
 
     up, down = ExpertGemms(xs, w13, active), ExpertGemms(xs, w2, active, out)
     xb, ob = blocks(xs), blocks(out)
-    if not staged:
+    if path == "per_expert":
         for e in active:
             expert_ffn_into(e, xb[e], up, down, ob[e])
         return out

@@ -15,6 +15,7 @@ from helpers import cpu_sweep
 from moe_ref import bench
 from moe_ref.bench import Shape, cli, malloc, providers, results, sweep, targets, timing
 from moe_ref.cpu_gemm import GEMM_METHODS
+from moe_ref.grouped import FFN_PATHS
 from moe_ref.plots import plot_bench_gpu_ratios, plot_bench_gpu_roofline, plot_bench_gpu_times
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -51,8 +52,12 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
     assert set(methods) == {"w13", "w2"}
     assert all(set(m.values()) <= set(GEMM_METHODS) for m in methods.values())
     assert not any("gemm_methods" in r for r in rows if r["provider"] != "gemm_only")
+    paths = {r["provider"]: r.get("path") for r in rows}  # the way ffn_rows ran each one's expert GEMMs
+    assert {p for p, way in paths.items() if way} == {"gemm_only", "grouped", "grouped_plain"}
+    assert {paths["gemm_only"], paths["grouped"], paths["grouped_plain"]} <= set(FFN_PATHS) - {"autograd", "empty"}
     out = capsys.readouterr().out
     assert "torch threads (pinned)" in out and "packed once for oneDNN" in out
+    assert "x bound  path" in out and f"  {paths['grouped']}" in out
     assert "cpu-small fp32: w13 1:" in out and "; w2 1:" in out
 
 

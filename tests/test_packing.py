@@ -314,6 +314,52 @@ def test_grouped_on_any_mix_of_gemm_methods_matches_reference(cfg, dtype, seed, 
     assert_close(y, want, dtype, msg=f"T={T} D={D} F={F} E={E} K={K}")
 
 
+@given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000),
+       staged=st.booleans(), prepacked=st.booleans(), threads=st.sampled_from([1, 2]))
+@example(cfg=(33, 16, 8, 2, 1, True, 1), dtype=torch.float32, seed=0, staged=True, prepacked=False, threads=1)  # C++
+@example(cfg=(7, 16, 8, 3, 2, True, 1), dtype=torch.bfloat16, seed=0, staged=True, prepacked=True, threads=2)  # bmm
+def test_ffn_path_names_the_way_ffn_rows_takes(cfg, dtype, seed, staged, prepacked, threads):
+    """ffn_path (what the bench records per case) agrees with the way ffn_rows then runs, on any GEMM choice."""
+    T, D, F, E, K, renorm, s = cfg
+    layer, x = make_case(T, D, F, E, K, seed=s, renormalize=renorm)
+    low = low_copy(layer, dtype)
+    rng = torch.Generator().manual_seed(seed)
+    pick = lambda n, names: names[int(torch.randint(len(names), (1,), generator=rng))]  # noqa: E731
+    ways, before = [], torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, way in (("torch_grouped_gemms", "cpp_loop"), ("padded_gemms", "batched"),
+                          ("expert_ffn_into", "per_expert")):
+            real = getattr(grouped, name)
+            mp.setattr(grouped, name, lambda *a, real=real, way=way: ways.append(way) or real(*a))
+        mp.setattr(cpu_gemm, "SPLIT_MIN_COLS", 1)
+        if not staged:
+            mp.setattr(grouped, "STAGED_BYTES", 0)
+            mp.setattr(grouped, "STAGED_BYTES_PER_EXPERT", 0)
+        torch.set_num_threads(threads)
+        try:
+            if prepacked:
+                moe_ref.prepack(low.w13, low.w2, measure=fake_measure(pick))
+            plan = moe_ref.group_by_expert(layer.route(x).topk_ids, E)
+            xs = moe_ref.permute(x.to(dtype), plan)
+            bounds = plan.offsets.tolist()
+            path = grouped.ffn_path(xs, bounds, low.w13, low.w2, xs)
+            assert grouped.ffn_path(torch.empty_like(xs), bounds, low.w13, low.w2, xs) == path  # layout only
+            grouped.ffn_rows(xs, bounds, low.w13, low.w2, xs)
+        finally:
+            torch.set_num_threads(before)
+    ran = set(ways) or {"staged" if bounds[-1] else "empty"}
+    assert ran == {path} and path in grouped.FFN_PATHS, (path, ways)
+
+
+def test_ffn_path_under_autograd():
+    layer, x = make_case(6, 8, 4, 3, 2, dtype=torch.float32)
+    plan = moe_ref.group_by_expert(layer.route(x).topk_ids, 3)
+    xs = moe_ref.permute(x.requires_grad_(), plan)  # recorded by autograd
+    assert grouped.ffn_path(xs, plan.offsets.tolist(), layer.w13, layer.w2) == "autograd"
+    with torch.no_grad():
+        assert grouped.ffn_path(xs, plan.offsets.tolist(), layer.w13, layer.w2) != "autograd"
+
+
 def test_the_chosen_method_runs_and_an_unchosen_packed_copy_is_not_kept(packed_calls):
     layer, x = make_case(40, 32, 24, 2, 1, seed=3, dtype=torch.float32)  # two experts: blocks of ~20 rows
     r = layer.route(x)

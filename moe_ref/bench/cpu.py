@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from ..config import MoEConfig
-from ..grouped import ffn_rows
+from ..grouped import ffn_path, ffn_rows
 from ..layer import MoELayer
 from ..packing import prepack_unsupported
 from ..strategy import get_strategy
@@ -52,6 +52,19 @@ def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.T
         ffn_rows(xb, bounds, w13, w2, out)
 
     return run
+
+
+def _paths(layer: MoELayer, counts: list[int], fns: dict) -> dict[str, str]:
+    """{provider: grouped.ffn_path} for the bound and the grouped strategy (packed weights where the layer is) and
+    grouped_plain (plain weights): which of ffn_rows's ways each case's expert GEMMs took."""
+    bounds = [0, *itertools.accumulate(counts)]  # [E+1]
+    rows = layer.w13.new_empty(bounds[-1], layer.w13.shape[2])  # [N, D]: only its shape and layout are read
+    paths = {BOUND: ffn_path(rows, bounds, layer.w13, layer.w2, rows.new_empty(rows.shape))}
+    if "grouped" in fns:
+        paths["grouped"] = ffn_path(rows, bounds, layer.w13, layer.w2, rows)  # ys over xs, as the strategy does
+    if PLAIN in fns:
+        paths[PLAIN] = ffn_path(rows, bounds, layer.w13.detach(), layer.w2.detach(), rows)
+    return paths
 
 
 def _batched_mm_bytes(shape: Shape, T: int, elt: int) -> int:
@@ -86,7 +99,8 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     weights, warning?}. ratio_to_bound is paired (timing.paired_ratio: the median of the per-round ratios);
     times_s the per-round seconds; weights "packed" where the provider's GEMMs run by the prepacked layer's choice
     (the grouped strategy and the bound), else "plain"; the bound's row of a prepacked layer also holds
-    gemm_methods {"w13": {rows: method}, "w2": ...}: what prepack timed fastest per row count.
+    gemm_methods {"w13": {rows: method}, "w2": ...}: what prepack timed fastest per row count; the rows of the
+    bound, grouped and grouped_plain hold path: the way grouped.ffn_rows ran their expert GEMMs (grouped.ffn_path).
 
     shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
     pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
@@ -110,6 +124,7 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             r = layer.route(x)
             counts = torch.bincount(r.topk_ids.reshape(-1), minlength=sh.num_experts).tolist()
             fns, skipped = _providers(layer, x, r, strategies, peers, sh, T)
+            paths = _paths(layer, counts, fns)
             times = time_cpu({BOUND: gemm_only(x, counts, layer.w13, layer.w2), **fns}, rounds=reps,
                              threads=threads, clock=clock)
         flags = distrust(times, BOUND)
@@ -121,6 +136,8 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
                        weights="packed" if name in packed else "plain")
             if name == BOUND and methods:
                 row["gemm_methods"] = methods
+            if name in paths:
+                row["path"] = paths[name]
             if name in flags:
                 row["warning"] = flags[name]
             rows.append(row)
@@ -175,14 +192,15 @@ def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
                 seen.add((r["shape"], r["dtype"]))
                 print(f"  {r['shape']} {r['dtype']}: " + "; ".join(
                     f"{w} " + " ".join(f"{n}:{m}" for n, m in ms.items()) for w, ms in r["gemm_methods"].items()))
-    print(f"{'shape':10} {'dtype':5} {'T':>5} {'provider':14} {'ms':>10} {'+-':>7} {'x bound':>8}")
+    print(f"{'shape':10} {'dtype':5} {'T':>5} {'provider':14} {'ms':>10} {'+-':>7} {'x bound':>8}"
+          + ("  path" if any(r.get("path") for r in rows) else ""))
     for r in rows:
         head = f"{r['shape']:10} {r['dtype']:5} {r['tokens']:5d} {r['provider']:14}"
         if r.get("status", "ok") != "ok":
             print(f"{head} {'-':>10} {'':7} {'':8}  skipped: {r.get('reason', '')}")
             continue
         print(f"{head} {r['seconds'] * 1e3:10.3f} {r.get('iqr_s', 0.0) * 5e2:7.3f} {r['ratio_to_bound']:8.2f}"
-              + (f"  ! {r['warning']}" if r.get("warning") else ""))
+              + (f"  {r['path']}" if r.get("path") else "") + (f"  ! {r['warning']}" if r.get("warning") else ""))
     for t in targets or []:
         mark = "met   " if t["met"] else "MISSED"
         peer = f" ({t['peer']})" if t.get("peer") else ""
