@@ -36,7 +36,6 @@ __all__ = ["GEMM_METHODS", "GROUPED_MM_DTYPES", "grouped_mm_fn", "CHOICE_ROWS", 
 GEMM_METHODS = ("mm", "split", "packed")
 CHOICE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # rows per expert at which prepack times the methods
 COLD_BYTES = 16 << 20  # a timed pass cycles through experts until it reads this much weight (past the L2 caches)
-PASS_FLOP = 4e8  # ... or until it does this much work (at least one expert)
 ROUNDS = 5  # interleaved rounds per row count; the median decides
 MM_TABLE_ROWS = 4096  # GemmChoice.mostly_mm looks row counts below this up in a table
 BATCHED_ROWS = 256  # prepack also times one torch.bmm over the experts ("batched") up to this many rows each
@@ -241,11 +240,16 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
                measure: Callable | None = None, batched: bool = False) -> list[dict[str, float]]:
     """For each row count n: {method: median seconds per GEMM of n rows} of w's candidate methods.
 
-    A timed pass runs one GEMM per expert over enough experts to read COLD_BYTES of weight (as a forward does, so
-    small weights are not timed from the L2 cache alone) or to do PASS_FLOP of work, whichever comes first.
+    A timed pass runs one GEMM per expert over enough experts to read COLD_BYTES of weight (all E where they hold
+    less), as a forward does, at every row count. Measured on the dev machine (Xeon, bf16, cpu-fine w13 at 128 rows):
+    a pass cut down to 5 experts (2.5 MiB, from the L2 caches) or 16 (8 MiB) timed mm and packed within noise of each
+    other and chose either from run to run, where in the forward's loop packed was 14% faster; over 32 experts
+    (16 MiB) packed won by 10-20% every time. It makes prepack slower at many rows (3-7 s per layer there).
     Candidates: "mm"; "split" where column_chunks allows it and n <= SPLIT_ROWS; "packed" when `packed` (one packed
     tensor per expert) is given; with `batched`, "batched" (one torch.bmm over the pass's experts) for
-    n <= BATCHED_ROWS. `measure(fns, rounds)` -> {name: seconds per call} replaces the timer (tests).
+    n <= BATCHED_ROWS, timed apart from the others (it reads the plain weights, which it would leave in cache for
+    whichever of them ran next: "mm" then reads those same weights, "packed" its own copy).
+    `measure(fns, rounds)` -> {name: seconds per call} replaces the timer (tests).
     """
     measure = measure or _measure
     E, N, K = w.shape
@@ -256,10 +260,14 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
             a = torch.randn(n, K, generator=gen).to(w.dtype)  # [n, K]
             out = torch.empty(n, N, dtype=w.dtype)
             per = N * K * w.element_size()
-            m = max(1, min(E, math.ceil(COLD_BYTES / per), int(PASS_FLOP // (2 * n * N * K))))
+            m = max(1, min(E, math.ceil(COLD_BYTES / per)))
             chunks = column_chunks(a, w, out) if n <= SPLIT_ROWS else 1
             fns = _candidates(a, out, w, range(m), chunks, packed, batched and n <= BATCHED_ROWS)
-            out_rows.append({k: v / m for k, v in measure(fns, rounds).items()})
+            bmm = {k: fns.pop(k) for k in ("batched",) if k in fns}
+            seconds = measure(fns, rounds)
+            if bmm:
+                seconds.update(measure(bmm, rounds))
+            out_rows.append({k: v / m for k, v in seconds.items()})
     return out_rows
 
 

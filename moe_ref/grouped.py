@@ -187,8 +187,10 @@ def batched_pays(pu, pd, sizes: list[int]) -> bool:
     packed_for(w2): the "batched" seconds at C rows for all E
     experts (interpolated in C) against BATCHED_MARGIN x the sum of each block's chosen method, both weights
     together. False without prepack's timing or past BATCHED_ROWS. Measured on the dev machine (Xeon, bf16,
-    cpu-fine, ffn only): 0.58-0.60x of the loop at T=16-64, 0.90x at T=256, 1.03x and 1.09x at T=512 and 1024 (where
-    the margin now says no); slower for E=8 large experts, for float32, and where few experts have rows."""
+    cpu-fine, ffn only, against the staged loop): 0.58-0.60x at T=16-64, 0.77x at T=256, 0.81x at T=512 and 0.94x at
+    T=1024, all taken (with the loop's GEMM choices timed over 16 MiB of weight at every row count: when prepack cut
+    the pass short at many rows, the bmm lost at T=512-1024); slower for E=8 large experts, for float32, and where
+    few experts have rows."""
     if pu is None or pd is None:
         return False
     E, C = len(sizes), max(sizes)

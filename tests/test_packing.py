@@ -174,14 +174,21 @@ def test_prepack_refuses_inference_tensors_and_the_layer_says_why():
 
 def fake_measure(pick):
     """A measure for choose_gemms that times nothing: pick(n, candidates) names the winner at n rows (n is the
-    rows of the GEMM that the first call of a candidate runs)."""
+    rows of the GEMM that the first call of a candidate runs), "batched" among them where choose_gemms times it
+    (up to BATCHED_ROWS, in a second call of its own, which gets the answer of this pick)."""
+    batched = {}
+
     def measure(fns, rounds):
+        if list(fns) == ["batched"]:
+            return {"batched": batched.pop("seconds")}
         calls = []
         with pytest.MonkeyPatch.context() as mp:
             real = torch.mm
             mp.setattr(torch, "mm", lambda a, b, **kw: calls.append(a.shape[0]) or real(a, b, **kw))
             fns["mm"]()
-        winner = pick(calls[0], sorted(fns))
+        n = calls[0]
+        winner = pick(n, sorted([*fns, "batched"] if n <= cpu_gemm.BATCHED_ROWS else fns))
+        batched["seconds"] = 1.0 if winner == "batched" else 2.0
         return {k: (1.0 if k == winner else 2.0) for k in fns}
     return measure
 
@@ -217,16 +224,24 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
 
     def measure(fns, rounds):
         seen.append(sorted(fns))
+        if "batched" in fns:  # timed on its own, over the same experts: one bmm of [6, n, K] rows
+            bmm = []
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch, "bmm", lambda a, b, real=torch.bmm, **kw: bmm.append(tuple(b.shape)) or real(a, b,
+                                                                                                             **kw))
+                fns["batched"]()
+            assert bmm == [(6, 16, 24)]
+            return {"batched": 1.0}
         mm = []
         with pytest.MonkeyPatch.context() as mp:
             real = torch.mm
             mp.setattr(torch, "mm", lambda a, b, **kw: mm.append(b.data_ptr()) or real(a, b, **kw))
             fns["mm"]()
         assert len(set(mm)) == len(mm) == 6  # one GEMM per expert: small weights are read from memory, not cache
-        return {k: float(i + 1) for i, k in enumerate(sorted(fns))}
+        return {k: float(i + 2) for i, k in enumerate(sorted(fns))}
 
     c = cpu_gemm.choose_gemms(w, packed, rows=(1, 8), measure=measure)
-    assert seen == [["batched", "mm", "packed"]] * 2  # the bmm over the pass's experts is timed too ...
+    assert seen == [["mm", "packed"], ["batched"]] * 2  # the bmm over the pass's experts is timed too, apart ...
     assert c.methods == ("mm", "mm")  # ... but is no method for one block, even when fastest
     assert c.seconds[0] == {"batched": 1 / 6, "mm": 2 / 6, "packed": 3 / 6}  # per GEMM: the pass over 6 experts
     assert c.batched_seconds(1, 6) == pytest.approx(1.0) and c.batched_seconds(8, 6) == pytest.approx(1.0)
@@ -235,6 +250,10 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
     mixed = GemmChoice((1, 4, 16, 64), ("mm", "packed", "mm", "mm"))
     assert mixed.mostly_mm([1, 3, 16]) and mixed.mostly_mm([1, 4]) and not mixed.mostly_mm([1, 4, 3])
     assert cpu_gemm.choose_gemms(w, None, rows=(1,), measure=measure).methods == ("mm",)
+    seen.clear()  # many rows: still a pass over every expert (the measure checks), and no bmm past BATCHED_ROWS
+    assert cpu_gemm.choose_gemms(w, None, rows=(cpu_gemm.BATCHED_ROWS + 1, 200_000), measure=measure).methods == (
+        "mm", "mm")
+    assert seen == [["mm"]] * 2
 
 
 def test_choose_gemms_offers_the_split_for_float32_on_two_threads(two_threads):
