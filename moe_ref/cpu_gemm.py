@@ -219,21 +219,23 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, flo
 
 
 def _candidates(a: torch.Tensor, out: torch.Tensor, w: torch.Tensor, experts: range, chunks: int,
-                packed: tuple | None, batched: bool = False) -> dict[str, Callable[[], object]]:
-    """{method: one pass, a GEMM of a per expert into out} for the methods that apply; "batched": the same GEMMs as
-    one torch.bmm of [m, n, K] rows (one block per expert) by the m experts' weights."""
+                packed: tuple | None) -> dict[str, Callable[[], object]]:
+    """{method: one pass, a GEMM of a per expert into out} for the methods that apply."""
     wt = [w[e].t() for e in experts]  # [K, N] views
     fns = {"mm": lambda: [torch.mm(a, t, out=out) for t in wt]}
     if chunks > 1:
         fns["split"] = lambda: [expert_mm(a, t, out, chunks) for t in wt]
     if packed is not None:
         fns["packed"] = lambda: [packed_linear(a, packed[e], out) for e in experts]
-    if batched:
-        m = len(experts)
-        a3 = a.expand(m, *a.shape).contiguous()  # [m, n, K]
-        o3, w3 = a.new_empty(m, a.shape[0], w.shape[1]), w[experts.start:experts.stop].transpose(1, 2)
-        fns["batched"] = lambda: torch.bmm(a3, w3, out=o3)
     return fns
+
+
+def _batched_pass(a: torch.Tensor, w: torch.Tensor, experts: range) -> Callable[[], object]:
+    """The pass of _candidates as one torch.bmm of [m, n, K] rows (one block per expert) by the m experts' weights."""
+    m = len(experts)
+    a3 = a.expand(m, *a.shape).contiguous()  # [m, n, K]
+    o3, w3 = a.new_empty(m, a.shape[0], w.shape[1]), w[experts.start:experts.stop].transpose(1, 2)
+    return lambda: torch.bmm(a3, w3, out=o3)
 
 
 def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CHOICE_ROWS, rounds: int = ROUNDS,
@@ -244,7 +246,7 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
     less), as a forward does, at every row count. Measured on the dev machine (Xeon, bf16, cpu-fine w13 at 128 rows):
     a pass cut down to 5 experts (2.5 MiB, from the L2 caches) or 16 (8 MiB) timed mm and packed within noise of each
     other and chose either from run to run, where in the forward's loop packed was 14% faster; over 32 experts
-    (16 MiB) packed won by 10-20% every time. It makes prepack slower at many rows (3-7 s per layer there).
+    (16 MiB) packed won by 10-20% every time. It makes prepack slower at many rows (2-7 s per layer there).
     Candidates: "mm"; "split" where column_chunks allows it and n <= SPLIT_ROWS; "packed" when `packed` (one packed
     tensor per expert) is given; with `batched`, "batched" (one torch.bmm over the pass's experts) for
     n <= BATCHED_ROWS, timed apart from the others (it reads the plain weights, which it would leave in cache for
@@ -262,11 +264,9 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
             per = N * K * w.element_size()
             m = max(1, min(E, math.ceil(COLD_BYTES / per)))
             chunks = column_chunks(a, w, out) if n <= SPLIT_ROWS else 1
-            fns = _candidates(a, out, w, range(m), chunks, packed, batched and n <= BATCHED_ROWS)
-            bmm = {k: fns.pop(k) for k in ("batched",) if k in fns}
-            seconds = measure(fns, rounds)
-            if bmm:
-                seconds.update(measure(bmm, rounds))
+            seconds = measure(_candidates(a, out, w, range(m), chunks, packed), rounds)
+            if batched and n <= BATCHED_ROWS:
+                seconds.update(measure({"batched": _batched_pass(a, w, range(m))}, rounds))
             out_rows.append({k: v / m for k, v in seconds.items()})
     return out_rows
 
