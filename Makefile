@@ -37,14 +37,14 @@ browser-deps:
 ## make check: the fast tier for the edit-test loop (< 60 s): lint, the layering rules, the unit tests not
 ## marked slow (no notebooks, browser, torchrun or GPU-run dry run).
 check: setup
-	$(BIN)/ruff check moe_ref kernels tests
+	$(BIN)/ruff check moe_ref tests
 	MOE_REF_SMOKE=1 TRITON_INTERPRET=1 MOE_REF_HYPOTHESIS_EXAMPLES=8 $(BIN)/pytest -q -m "not slow" -n 2 --dist worksteal \
 	  -p no:cacheprovider -p no:nbmake tests
 
 ## make test: lint, the unit tests (incl. the real-browser notebook test), every notebook under nbmake.
 ## It changes nothing on the system: the browser comes from `make browser-deps` (what .ci/run calls first).
 test: setup
-	$(BIN)/ruff check moe_ref kernels tests
+	$(BIN)/ruff check moe_ref tests
 	OMP_NUM_THREADS=1 MOE_REF_SMOKE=1 TRITON_INTERPRET=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal -p no:cacheprovider \
 	  --durations=15 tests $(if $(NOTEBOOKS),--nbmake $(NOTEBOOKS))
 

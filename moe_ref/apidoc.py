@@ -19,7 +19,7 @@ MODULES = {
     "moe_ref": "the library: configuration, router, reference, grouping, permutation, capacity, layer, stats",
     "moe_ref.hf": "Hugging Face transformers interop (needs the `hf` extra; imported on demand)",
     "moe_ref.parallel": "expert parallelism over torch.distributed",
-    "moe_ref.kernels": "Triton kernels (installed from kernels/; needs triton)",
+    "moe_ref.kernels": "Triton kernels (needs triton)",
     "moe_ref.experiments": "experiment drivers of the notebooks: sweeps and timings returning rows for the plots",
     "moe_ref.plots": "pure plotting functions: data in, matplotlib Figure out",
     "moe_ref.widgets": "ipywidgets panels over the plotting functions",

@@ -1,7 +1,6 @@
 """The layering rules (.importlinter): the core below the kernels below the outer ring, and no import cycles.
 
-import-linter reads packages from the file system, and moe_ref.kernels is installed from kernels/: each test
-lints a copy of the package tree with kernels/ in place (lazy imports inside functions are counted).
+Each test lints a copy of the package tree (lazy imports inside functions are counted).
 """
 
 import shutil
@@ -20,7 +19,6 @@ pytestmark = pytest.mark.skipif(not LINT.exists(), reason="import-linter is not 
 
 def _tree(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "moe_ref", tmp_path / "moe_ref", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "kernels", tmp_path / "moe_ref" / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
 

@@ -9,7 +9,7 @@ do_bench on CUDA: L2 flushed before each call). The fastest becomes the table en
 SM count are those of the GPU at hand (backend.device_limits). The JSON is rewritten after every
 token count, so a run that is stopped keeps everything it measured.
 The JSON written here (tuned.json, with a chart tuned.png) is what load_tuned_configs() registers;
-copy it into kernels/tuned/ to ship it (loaded on import, used only on the GPU it names).
+copy it into moe_ref/kernels/tuned/ to ship it (loaded on import, used only on the GPU it names).
 
   python -m moe_ref.bench tune --shapes mixtral qwen3 --out build/tune       # on a GPU
   python -m moe_ref.bench tune --device cpu --shapes cpu-small --tokens 1 4  # dry run (interpreter;

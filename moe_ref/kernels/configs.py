@@ -17,7 +17,7 @@ Prefill-sized batches are bound by the tensor cores: they get 128x128 tiles on 8
 Every default is fitted to the shared memory one block may use (backend.device_limits: read from the
 CUDA device, the sm_90 values without one).
 Tuned tables per GPU can be registered with register_tuned_configs(), or loaded from the JSON that
-`python -m moe_ref.bench tune` writes (load_tuned_configs); tables in kernels/tuned/*.json ship with
+`python -m moe_ref.bench tune` writes (load_tuned_configs); tables in moe_ref/kernels/tuned/*.json ship with
 the package and are loaded on import. The tuned token count nearest to T (on a log scale) wins, as vLLM
 does with its per-GPU JSON configs, but only within a factor of TUNED_REACH: a table measured at
 T <= 16 says nothing about T = 16384, which then gets the default.
