@@ -38,7 +38,7 @@ CHOICE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)  # rows per expert at whi
 COLD_BYTES = 16 << 20  # a timed pass cycles through experts until it reads this much weight (past the L2 caches)
 ROUNDS = 5  # interleaved rounds per row count; the median decides
 MM_TABLE_ROWS = 4096  # GemmChoice.mostly_mm looks row counts below this up in a table
-BATCHED_ROWS = 256  # prepack also times one torch.bmm over the experts ("batched") up to this many rows each
+BATCHED_ROWS = 1024  # prepack also times one torch.bmm over the experts ("batched") up to this many rows each
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -121,7 +121,8 @@ class GemmChoice:
     _limits: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _mm_at: tuple[bool, ...] = field(init=False, repr=False, compare=False)  # [n]: method_for(n) == "mm"
     _mm_below: int = field(init=False, repr=False, compare=False)
-    _cost_at: tuple[float, ...] | None = field(init=False, repr=False, compare=False)  # [n]: its method's seconds
+    _cost: list[float] | None = field(init=False, repr=False, compare=False)  # [i]: methods[i]'s seconds at rows[i]
+    _cost_at: tuple[float, ...] | None = field(init=False, repr=False, compare=False)  # [n]: _linear of _cost at n
 
     def __post_init__(self):
         if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
@@ -135,8 +136,11 @@ class GemmChoice:
         object.__setattr__(self, "_mm_at", tuple(self.methods[i] == "mm" for i in at))
         object.__setattr__(self, "_mm_below", next((n for n in range(1, MM_TABLE_ROWS) if not self._mm_at[n]),
                                                    MM_TABLE_ROWS))  # blocks of 1 .. _mm_below - 1 rows: all "mm"
-        cost = [s[m] for s, m in zip(self.seconds, self.methods)] if len(self.seconds) == len(self.rows) else None
-        object.__setattr__(self, "_cost_at", None if cost is None else (0.0, *(cost[i] for i in at[1:])))
+        timed = len(self.seconds) == len(self.rows)
+        cost = [s[m] for s, m in zip(self.seconds, self.methods)] if timed else None
+        object.__setattr__(self, "_cost", cost)
+        object.__setattr__(self, "_cost_at", None if cost is None else tuple(
+            _linear(self.rows, cost, n) for n in range(MM_TABLE_ROWS)))
 
     def method_for(self, n: int) -> str:
         """The method for a block of n rows."""
@@ -162,35 +166,47 @@ class GemmChoice:
         return 2 * mm >= len(sizes) - zeros
 
     def loop_seconds(self, sizes: list[int]) -> float | None:
-        """The timed seconds of these blocks' GEMMs one by one, each by its method (the median at the nearest timed
-        row count, nothing for blocks of 0 rows; a table lookup per block below MM_TABLE_ROWS rows, as in
-        mostly_mm); None for a fixed choice."""
+        """The timed seconds of these blocks' GEMMs one by one, each by its method: for a block of n rows the chosen
+        method's median, linear in n between the timed row counts around it (and from 0 at 0 rows), proportional
+        to n past the last (_linear); a table lookup per block below MM_TABLE_ROWS rows, as in mostly_mm. None for
+        a fixed choice."""
         cost = self._cost_at
         if cost is None:
             return None
         if max(sizes, default=0) < MM_TABLE_ROWS:
             return sum(map(cost.__getitem__, sizes))
-        return sum(self.seconds[i][self.methods[i]] for i in (bisect.bisect_left(self._limits, n) for n in sizes if n))
+        return sum(_linear(self.rows, self._cost, n) for n in sizes)
 
     def batched_seconds(self, rows: int, experts: int) -> float | None:
         """The timed seconds of one torch.bmm over `experts` blocks of `rows` rows (padded: every expert the same
-        rows), from "batched" interpolated linearly in rows between the timed row counts around it; None where it
-        was not timed (past BATCHED_ROWS or the last timed count, or a fixed choice)."""
-        if self._cost_at is None or rows > BATCHED_ROWS or rows > self.rows[-1]:
+        rows), from "batched" as _linear in rows over the row counts where it was timed (up to BATCHED_ROWS), so
+        proportional to rows past the last of them; None where it was not timed (a fixed choice, or a choice made
+        without the bmm)."""
+        if self._cost is None:
             return None
-        i = bisect.bisect_left(self.rows, rows)  # rows[i-1] < rows <= rows[i]
-        hi = self.seconds[i].get("batched")
-        if hi is None:
+        at = [(n, s["batched"]) for n, s in zip(self.rows, self.seconds) if "batched" in s]
+        if not at:
             return None
-        if i == 0 or self.rows[i] == rows:
-            return hi * experts
-        lo, r0, r1 = self.seconds[i - 1].get("batched"), self.rows[i - 1], self.rows[i]
-        return None if lo is None else (lo + (hi - lo) * (rows - r0) / (r1 - r0)) * experts
+        return _linear([n for n, _ in at], [t for _, t in at], rows) * experts
 
     def as_dict(self) -> dict:
         """{rows: {method, us: the medians in µs}}, for a JSON record or a printout."""
         return {str(n): dict(method=m, us={k: round(v * 1e6, 2) for k, v in (s or {}).items()})
                 for n, m, s in zip(self.rows, self.methods, self.seconds or [None] * len(self.rows))}
+
+
+def _linear(rows, seconds, n: int) -> float:
+    """seconds timed at the increasing row counts `rows`, at n rows: linear between the counts around n and from
+    (0, 0) below the first; proportional to n past the last (a GEMM of many rows costs about its rows)."""
+    if n <= 0:
+        return 0.0
+    i = bisect.bisect_left(rows, n)  # rows[i-1] < n <= rows[i]
+    if i == len(rows):
+        return seconds[-1] * n / rows[-1]
+    if rows[i] == n:
+        return seconds[i]
+    r0, s0 = (rows[i - 1], seconds[i - 1]) if i else (0, 0.0)
+    return s0 + (seconds[i] - s0) * (n - r0) / (rows[i] - r0)
 
 
 def fixed_choice(method: str) -> GemmChoice:

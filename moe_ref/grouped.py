@@ -9,7 +9,9 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
               for its row count (moe_ref.cpu_gemm: torch.mm, a column split, or the packed copy), else
               `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows, where cpu_gemm.split_pays
               measured that it beats one torch.mm, one torch.bmm over column chunks of the weight, so that every core
-              gets a share).
+              gets a share). Where ffn_rows would run its batched path (one padded torch.bmm per weight), the
+              strategy skips the grouped rows altogether: batched_moe gathers x straight into the padded buffer
+              and combines straight out of it.
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -177,20 +179,22 @@ def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, 
     return gmm(a, w2.transpose(1, 2), offs=offs)  # [N, D], a new tensor: torch's grouped GEMM takes no out=
 
 
-BATCHED = True  # after prepack, a small batch may run as one padded torch.bmm per weight where that was timed faster
+BATCHED = True  # after prepack, a batch may run as one padded torch.bmm per weight where that was timed faster
 BATCHED_MARGIN = 0.85  # ... by this factor at least: the padded path's copies in and out are not in the timing
+BATCHED_BYTES = 256 << 20  # ... and its [E*C, 2F] gate/up buffer fits in this (memory: the loop's stay per expert)
 
 
 def batched_pays(pu, pd, sizes: list[int]) -> bool:
     """Whether prepack's timings say one padded torch.bmm per weight (padded_gemms: every expert's block padded to
     the busiest one's C rows) beats these blocks' GEMMs one by one, for the packs pu, pd = packed_for(w13),
-    packed_for(w2): the "batched" seconds at C rows for all E
-    experts (interpolated in C) against BATCHED_MARGIN x the sum of each block's chosen method, both weights
-    together. False without prepack's timing or past BATCHED_ROWS. Measured on the dev machine (Xeon, bf16,
-    cpu-fine, ffn only, against the staged loop): 0.58-0.60x at T=16-64, 0.77x at T=256, 0.81x at T=512 and 0.94x at
-    T=1024, all taken (with the loop's GEMM choices timed over 16 MiB of weight at every row count: when prepack cut
-    the pass short at many rows, the bmm lost at T=512-1024); slower for E=8 large experts, for float32, and where
-    few experts have rows."""
+    packed_for(w2): the "batched" seconds at C rows for all E experts against BATCHED_MARGIN x the sum of each
+    block's chosen method, both weights together (GemmChoice.batched_seconds and loop_seconds: linear in rows
+    between the timed counts). False without prepack's timing. Measured on the dev machine (Xeon, 2 threads), the
+    grouped strategy with the padded path (batched_moe) against the loop it would run otherwise: cpu-fine bf16 0.62x
+    at T=64, 0.82x at T=256, 0.89x at T=1024, all taken; 0.89x at T=2048 and 0.76x at T=4096, not taken (the timed
+    GEMMs alone say 0.86x and 1.06x there: they leave out the loop's SwiGLU per block and the traffic between its
+    GEMMs); slower for E=8 large experts (1.16-1.46x at T=64-1024, ~1.0x at T=2048-4096) and for float32
+    (1.0-1.6x), where it is not taken."""
     if pu is None or pd is None:
         return False
     E, C = len(sizes), max(sizes)
@@ -200,21 +204,57 @@ def batched_pays(pu, pd, sizes: list[int]) -> bool:
     return bu + bd < BATCHED_MARGIN * (pu.choice.loop_seconds(sizes) + pd.choice.loop_seconds(sizes))
 
 
-def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: torch.Tensor, w2: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
-    """ffn_rows's small-batch steps as two torch.bmm: the blocks of xs [N, D] copied into a zeroed [E, C, D] (C the
-    largest block), [E, C, D] @ w13^T -> SwiGLU -> @ w2^T, and each row's output written back to out [N, D] in
-    grouped order (out may be xs: xs is read in full first). The padding rows are zeros and give zeros (SwiGLU of
-    0 is 0); they cost GEMM rows, which at decode are nearly free beside reading the weights once per call."""
-    E, N, C, F = len(sizes), bounds[-1], max(sizes), w2.shape[2]
+class PaddedRows(NamedTuple):
+    """Where the batched path puts grouped rows: expert e's block of C rows in a zero-padded [E*C, D] buffer."""
+
+    experts: int  # E
+    capacity: int  # C, the largest block
+    dest: torch.Tensor  # [N] row in [E*C] of each grouped row
+
+
+def padded_rows(bounds: list[int], sizes: list[int]) -> PaddedRows:
+    """The padded layout of blocks with these bounds [E+1] and sizes [E] (row i of block e goes to e*C + i)."""
+    E, N, C = len(sizes), bounds[-1], max(sizes)
     shift = _ints([e * C - bounds[e] for e in range(E)])  # [E] from a block's grouped rows to its padded rows
-    dest = torch.arange(N) + shift.repeat_interleave(_ints(sizes), output_size=N)  # [N] row of each row in [E*C]
-    buf = xs.new_zeros(E * C, xs.shape[1])  # [E*C, D]
-    buf.index_copy_(0, dest, xs)
+    return PaddedRows(E, C, torch.arange(N) + shift.repeat_interleave(_ints(sizes), output_size=N))
+
+
+def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The batched path's GEMMs alone: buf [E*C, D] (the rows of the padded layout) -> [E*C, D] as two torch.bmm,
+    [E, C, D] @ w13^T -> SwiGLU -> @ w2^T. Padding rows that are zeros give zeros (SwiGLU of 0 is 0); they cost
+    GEMM rows, which at decode are nearly free beside reading the weights once per call."""
+    E, C, F = rows.experts, rows.capacity, w2.shape[2]
     h = torch.bmm(buf.view(E, C, -1), w13.transpose(1, 2))  # [E, C, 2F]: gate | up
     a = Fn.silu(h[..., :F])  # [E, C, F]
     a.mul_(h[..., F:])
-    return torch.index_select(torch.bmm(a, w2.transpose(1, 2)).view(E * C, -1), 0, dest, out=out)  # [N, D]
+    return torch.bmm(a, w2.transpose(1, 2)).view(E * C, -1)  # [E*C, D]
+
+
+def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: torch.Tensor, w2: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    """ffn_rows's batched path on grouped rows: the blocks of xs [N, D] copied into a zeroed [E*C, D] (padded_rows),
+    padded_ffn, and each row's output written back to out [N, D] in grouped order (out may be xs: xs is read in
+    full first). The grouped strategy itself skips both copies (batched_moe)."""
+    rows = padded_rows(bounds, sizes)
+    buf = xs.new_zeros(rows.experts * rows.capacity, xs.shape[1])  # [E*C, D]
+    buf.index_copy_(0, rows.dest, xs)
+    return torch.index_select(padded_ffn(buf, rows, w13, w2), 0, rows.dest, out=out)  # [N, D]
+
+
+def batched_moe(x: torch.Tensor, plan: DispatchPlan, bounds: list[int], sizes: list[int], topk_weights: torch.Tensor,
+               w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The grouped strategy where ffn_rows would take its batched path, without the grouped rows [N, D]: x [T, D]
+    gathered straight into the padded buffer, padded_ffn, and the combine reading each kept slot's output from its
+    padded row. Against permute + padded_gemms + unpermute it never writes or reads back grouped rows [N, D], on
+    the way in or out, for the same bits: each kept row meets the same GEMMs in the same buffer, and the combine
+    sums the same products in the same order. bounds [E+1], sizes [E]: plan's block bounds and sizes.
+    Returns y [T, D]."""
+    rows = padded_rows(bounds, sizes)
+    # padding rows repeat token 0: a GEMM's output row depends on its own input row alone, and theirs go unread
+    src = torch.zeros(rows.experts * rows.capacity, dtype=torch.long)  # [E*C] token of each padded row
+    src.index_copy_(0, rows.dest, plan.token_ids)
+    buf = x.index_select(0, src)  # [E*C, D]
+    return unpermute(padded_ffn(buf, rows, w13, w2), plan, topk_weights, rows=rows.dest)
 
 
 def _warn_threads(packed) -> None:
@@ -249,15 +289,13 @@ def _decide(xs, bounds, w13, w2, out) -> tuple[str, list[int] | None]:
     if idle == E:
         return "empty", sizes
     staged = N * 2 * F * xs.element_size() <= max(STAGED_BYTES, (E - idle) * STAGED_BYTES_PER_EXPERT)
-    if not staged:
-        return "per_expert", sizes
     pu, pd = packed_for(w13), packed_for(w2)  # looked up once for both decisions
-    if (CPP_LOOP and 4 * (E - idle) >= E and torch_loop_fits(xs, w13, w2)
+    if (staged and CPP_LOOP and 4 * (E - idle) >= E and torch_loop_fits(xs, w13, w2)
             and loop_in_cpp(xs, w13, pu, sizes) and loop_in_cpp(xs, w2, pd, sizes, out)):
         return "cpp_loop", sizes  # torch's loop visits all E groups: >= 1/4 have rows here
-    if BATCHED and batched_pays(pu, pd, sizes):
+    if BATCHED and E * max(sizes) * 2 * F * xs.element_size() <= BATCHED_BYTES and batched_pays(pu, pd, sizes):
         return "batched", sizes
-    return "staged", sizes
+    return ("staged" if staged else "per_expert"), sizes
 
 
 def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.Tensor,
@@ -279,15 +317,21 @@ def ffn_rows(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, w2: torch.T
         (decode: E views would cost more than the few experts' GEMMs);
       - small batches where at least 1/4 of the experts have rows and their GEMMs are (mostly, after prepack) plain
         torch.mm: the two loops of GEMMs inside torch's grouped GEMM (torch_grouped_gemms: torch.mm per block, C++);
-      - other small batches, after prepack, where its timings say so (batched_pays): one padded torch.bmm per weight
-        over all E experts (padded_gemms);
+      - otherwise, after prepack, where its timings say so (batched_pays) and the padded gate/up buffer [E*C, 2F]
+        fits in BATCHED_BYTES: one padded torch.bmm per weight over all E experts (padded_gemms);
       - every GEMM through ExpertGemms: by the method prepack timed fastest for its row count (torch.mm, a column
         split or the packed copy), else one torch.mm each (float32 on few rows, several threads: split by columns).
     Either way each row gets its expert's GEMMs and the same elementwise SwiGLU (the same bits for the same
     methods; another method sums the same products in another order). ffn_path names the way a call takes.
     """
-    E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
     path, sizes = _decide(xs, bounds, w13, w2, out)
+    return _run(path, sizes, xs, bounds, w13, w2, out)
+
+
+def _run(path: str, sizes: list[int] | None, xs: torch.Tensor, bounds: list[int], w13: torch.Tensor,
+         w2: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """ffn_rows by the way _decide chose."""
+    E, N, F = w13.shape[0], bounds[-1], w2.shape[2]
     if path == "autograd":  # out of place per expert, each block sliced as it is written
         out = xs.new_empty(N, w2.shape[1]) if out is None else out  # [N, D]
         for e in _active(bounds):
@@ -340,7 +384,8 @@ def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: to
     """The "grouped" strategy on x2d [T, D] step by step: group (by `method`), permute, expert FFNs, combine.
 
     Returns GroupedSteps(plan, xs [N, D], ys [N, D], y [T, D]); y is bit for bit the strategy's output (which
-    runs the same steps but writes ys over xs, one [N, D] buffer instead of two).
+    runs the same steps but writes ys over xs, one [N, D] buffer instead of two; on ffn_rows's batched path it
+    makes neither, batched_moe).
     Routing ids may be -1 (dropped): those assignments are skipped and contribute zero.
     """
     E, _, _ = check_weights(x2d, w13, w2)
@@ -355,9 +400,17 @@ def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: to
 def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor,
                 capacity: int | None = None) -> StrategyResult:
     plan = group_by_expert(r.topk_ids, w13.shape[0])
-    xs = permute(x, plan)  # [N, D]
-    # outside autograd each expert's output overwrites its own input block: one [N, D] buffer, not two
-    ys = grouped_ffn(xs, plan, w13, w2, out=None if needs_grad(x, w13, w2) else xs)  # [N, D]
+    if needs_grad(x, w13, w2):
+        ys = grouped_ffn(permute(x, plan), plan, w13, w2)  # [N, D], out of place
+        return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
+    bounds = plan.offsets.tolist()  # [E+1]
+    xs = x.new_empty(plan.num_rows, x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
+    path, sizes = _decide(xs, bounds, w13, w2, xs)
+    if path == "batched":  # x straight into the padded buffer and the combine straight out of it: no xs
+        return StrategyResult(batched_moe(x, plan, bounds, sizes, r.topk_weights, w13, w2), computed_rows=plan.num_rows)
+    torch.index_select(x, 0, plan.token_ids, out=xs)  # permute
+    # each expert's output overwrites its own input block: one [N, D] buffer, not two
+    ys = _run(path, sizes, xs, bounds, w13, w2, xs)  # [N, D]
     return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
 
 

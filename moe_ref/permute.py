@@ -27,20 +27,28 @@ def combine_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def unpermute(ys: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor) -> torch.Tensor:
+def unpermute(ys: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """ys [N, D] in grouped order -> y [T, D] = sum_k w[t, k] * ys[inverse[t*K + k]] over kept slots (dropped: 0).
 
+    rows [N]: ys holds grouped row i at ys[rows[i]] instead (ys [M, D], any M; e.g. a padded layout).
     The weights are cast to ys's dtype (embedding_bag's rule); the products are summed in float32 at least.
     """
     T, K, N = plan.num_tokens, plan.top_k, plan.num_rows
-    if ys.dim() != 2 or ys.shape[0] != N:
+    if rows is None and (ys.dim() != 2 or ys.shape[0] != N):
         raise ValueError(f"ys must be [N, D] with N={N}, got {tuple(ys.shape)}")
+    if rows is not None and (ys.dim() != 2 or tuple(rows.shape) != (N,)):
+        raise ValueError(f"with rows, ys must be [M, D] and rows [N] with N={N}, got {tuple(ys.shape)} and "
+                         f"{tuple(rows.shape)}")
     if tuple(topk_weights.shape) != (T, K):
         raise ValueError(f"topk_weights must be [T, K] = [{T}, {K}], got {tuple(topk_weights.shape)}")
     w = topk_weights.to(ys.dtype)  # [T, K]
     if N == T * K:  # nothing dropped: T bags of exactly K rows
-        return Fn.embedding_bag(plan.inverse.view(T, K), ys, mode="sum", per_sample_weights=w)
+        index = plan.inverse if rows is None else rows.index_select(0, plan.inverse)  # [S]
+        return Fn.embedding_bag(index.view(T, K), ys, mode="sum", per_sample_weights=w)
     kept = plan.inverse >= 0  # [S]
     offsets = torch.zeros(T, dtype=torch.long, device=ys.device)  # [T] start of each token's bag
     torch.cumsum(kept.view(T, K).sum(1)[:-1], 0, out=offsets[1:])
-    return Fn.embedding_bag(plan.inverse[kept], ys, offsets, mode="sum", per_sample_weights=w.reshape(-1)[kept])
+    index = plan.inverse[kept]  # [N] grouped row of each kept slot, token by token
+    index = index if rows is None else rows.index_select(0, index)
+    return Fn.embedding_bag(index, ys, offsets, mode="sum", per_sample_weights=w.reshape(-1)[kept])

@@ -61,6 +61,28 @@ def test_cpu_bench_writes_json_and_png(tmp_path, capsys):
     assert "cpu-small fp32: w13 1:" in out and "; w2 1:" in out
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_bound_runs_the_gemms_the_grouped_strategy_runs(batched):
+    """On ffn_rows's batched path the strategy gathers x straight into the padded buffer (grouped.batched_moe), so
+    the bound is the two torch.bmm on a buffer already padded, without ffn_rows's copies; elsewhere ffn_rows."""
+    import moe_ref
+    from moe_ref import grouped
+    layer = moe_ref.MoELayer(moe_ref.MoEConfig(16, 8, 4, 2), dtype=torch.bfloat16, seed=0)
+    if moe_ref.packing.prepack_unsupported(layer.w13) is not None:
+        pytest.skip("no packed GEMMs here")
+    moe_ref.prepack(layer.w13, layer.w2, measure=lambda fns, rounds: {
+        k: (0.01 if batched else 100.0) if k == "batched" else 1.0 if k == "packed" else 2.0 for k in fns})  # not mm
+    counts = [3, 0, 5, 2]
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "bmm", lambda a, b, real=torch.bmm, **kw: calls.append(("bmm", tuple(a.shape)))
+                   or real(a, b, **kw))
+        mp.setattr(grouped, "padded_gemms", lambda *a: calls.append(("copies",)))
+        bench.gemm_only(x, counts, layer.w13, layer.w2)()
+    assert calls == ([("bmm", (4, 5, 16)), ("bmm", (4, 5, 8))] if batched else []), calls  # [E, C, D], [E, C, F]
+
+
 def test_cpu_bench_plain_leaves_the_weights_unpacked(tmp_path, capsys):
     rc = bench.main(["--shapes", "cpu-small", "--tokens", "2", "--reps", "1", "--dtypes", "bf16", "--threads", "1",
                      "--malloc", "default", "--peers", "--plain", "--out", str(tmp_path), "--no-progress"])

@@ -86,6 +86,24 @@ def test_permute_unpermute_roundtrip(case):
     torch.testing.assert_close(y, kept * x)
 
 
+@given(routings(), st.integers(0, 7), st.integers(0, 10_000))
+def test_unpermute_reads_rows_from_wherever_they_lie(case, extra, seed):
+    """unpermute(..., rows=): grouped row i read from ys[rows[i]] (a padded layout) gives the same bits."""
+    ids, E = case
+    T, K = ids.shape
+    g = torch.Generator().manual_seed(seed)
+    plan = moe_ref.group_by_expert(ids, E)
+    N = plan.num_rows
+    ys = torch.randn(N, 5, generator=g)
+    rows = torch.randperm(N + extra, generator=g)[:N]  # [N] each grouped row's place among N + extra
+    big = torch.full((N + extra, 5), float("nan"))  # the rows no one points at must never be read
+    big[rows] = ys
+    w = torch.rand(T, K, generator=g)
+    assert torch.equal(moe_ref.unpermute(big, plan, w, rows=rows), moe_ref.unpermute(ys, plan, w))
+    with pytest.raises(ValueError, match="rows"):
+        moe_ref.unpermute(big, plan, w, rows=rows[:-1] if N else torch.zeros(1, dtype=torch.long))
+
+
 def test_bad_method_and_ids():
     with pytest.raises(ValueError, match="method"):
         moe_ref.group_by_expert(torch.zeros(2, 1, dtype=torch.long), 2, method="bogus")

@@ -245,8 +245,11 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
     assert c.methods == ("mm", "mm")  # ... but is no method for one block, even when fastest
     assert c.seconds[0] == {"batched": 1 / 6, "mm": 2 / 6, "packed": 3 / 6}  # per GEMM: the pass over 6 experts
     assert c.batched_seconds(1, 6) == pytest.approx(1.0) and c.batched_seconds(8, 6) == pytest.approx(1.0)
-    assert c.batched_seconds(4, 6) == pytest.approx(1.0) and c.batched_seconds(9, 6) is None  # past the last count
+    assert c.batched_seconds(4, 6) == pytest.approx(1.0)
+    assert c.batched_seconds(9, 6) == pytest.approx(9 / 8)  # past the last count: proportional to the rows
     assert c.loop_seconds([0, 1, 2, 8]) == pytest.approx(3 * 2 / 6)  # three blocks, each by mm
+    assert c.loop_seconds([16]) == pytest.approx(2 * 2 / 6)
+    assert cpu_gemm.fixed_choice("packed").batched_seconds(4, 6) is None
     mixed = GemmChoice((1, 4, 16, 64), ("mm", "packed", "mm", "mm"))
     assert mixed.mostly_mm([1, 3, 16]) and mixed.mostly_mm([1, 4]) and not mixed.mostly_mm([1, 4, 3])
     assert cpu_gemm.choose_gemms(w, None, rows=(1,), measure=measure).methods == ("mm",)
@@ -254,6 +257,21 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
     assert cpu_gemm.choose_gemms(w, None, rows=(cpu_gemm.BATCHED_ROWS + 1, 200_000), measure=measure).methods == (
         "mm", "mm")
     assert seen == [["mm"]] * 2
+
+
+def test_gemm_choice_costs_are_linear_in_rows_between_the_timed_counts():
+    """loop_seconds and batched_seconds: linear between timed row counts, from 0 at 0 rows, proportional past the
+    last; the loop's blocks each by the method chosen nearest (here packed at 4, mm at 1 and 16)."""
+    c = GemmChoice((1, 4, 16), ("mm", "packed", "mm"), ({"mm": 1.0, "packed": 3.0, "batched": 0.5},
+                                                         {"mm": 5.0, "packed": 4.0, "batched": 1.0},
+                                                         {"mm": 10.0, "packed": 12.0}))
+    assert c.loop_seconds([0]) == 0 and c.loop_seconds([1, 4, 16]) == pytest.approx(1 + 4 + 10)
+    assert c.loop_seconds([2]) == pytest.approx(2.0) and c.loop_seconds([10]) == pytest.approx(7.0)
+    assert c.loop_seconds([32, 0, 8]) == pytest.approx(20 + 4 + 2)
+    assert c.loop_seconds([cpu_gemm.MM_TABLE_ROWS + 16]) == pytest.approx(10 * (cpu_gemm.MM_TABLE_ROWS + 16) / 16)
+    assert c.batched_seconds(2, 3) == pytest.approx((0.5 + 0.5 / 3) * 3)  # between 1 and 4 rows, x 3 experts
+    assert c.batched_seconds(8, 1) == pytest.approx(2.0)  # past 4, its last timed count (none at 16)
+    assert GemmChoice((1, 4), ("mm", "mm"), ({"mm": 1.0}, {"mm": 2.0})).batched_seconds(2, 3) is None  # no bmm timed
 
 
 def test_choose_gemms_offers_the_split_for_float32_on_two_threads(two_threads):
@@ -302,6 +320,38 @@ def test_a_small_batch_runs_as_one_padded_bmm_per_weight_where_that_was_timed_fa
         assert torch.equal(y, s.y)
         for e, rows in grouped.expert_blocks(s.plan):  # every block through its own expert
             assert_close(s.ys[rows], moe_ref.expert_ffn(s.xs[rows].double(), layer.w13[e], layer.w2[e]), dtype)
+
+
+@given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), drop=st.floats(0.0, 1.0),
+       seed=st.integers(0, 1000))
+@example(cfg=(7, 4, 3, 1, 1, False, 0), dtype=torch.bfloat16, drop=0.0, seed=0)  # E=1: C = N, no padding
+@example(cfg=(33, 16, 8, 8, 2, True, 3), dtype=torch.float32, drop=0.5, seed=1)  # dropped slots
+@example(cfg=(64, 33, 22, 16, 16, False, 5), dtype=torch.bfloat16, drop=1.0, seed=2)  # K=E, all dropped
+def test_grouped_batched_path_skips_the_grouped_rows_for_the_same_bits(cfg, dtype, drop, seed):
+    """Where ffn_rows takes the padded bmm, the grouped strategy gathers x straight into the padded buffer and
+    combines straight out of it (batched_moe): the same bits as the steps through xs and ys, and the reference."""
+    T, D, F, E, K, renorm, s = cfg
+    layer, x = make_case(T, D, F, E, K, seed=s, renormalize=renorm)
+    low = low_copy(layer, dtype)
+    moe_ref.prepack(low.w13, low.w2, measure=lambda fns, rounds: {  # the bmm always timed fastest
+        k: 0.01 if k == "batched" else 1.0 if k == "packed" else 2.0 for k in fns})
+    r = layer.route(x)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.where(torch.rand(r.topk_ids.shape, generator=g) < drop, -1, r.topk_ids)  # some slots dropped
+    r = moe_ref.Routing(topk_ids=ids, topk_weights=r.topk_weights)
+    xd = x.to(dtype)
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "batched_moe", lambda *a, real=grouped.batched_moe: calls.append(1) or real(*a))
+        y = GROUPED(xd, r, low.w13, low.w2).y
+        s = grouped_steps(xd, r, low.w13, low.w2)
+    plan = s.plan
+    path = grouped.ffn_path(s.xs, plan.offsets.tolist(), low.w13, low.w2, s.xs)
+    assert (calls == [1]) == (path == "batched"), (path, calls)
+    assert path == "batched" or plan.num_rows == 0 or T * K == 0, path  # the fake timing makes the bmm win
+    assert torch.equal(y, s.y)
+    want = moe_ref.reference_moe(xd.double(), r, low.w13.double(), low.w2.double())
+    assert_close(y, want, dtype, msg=f"T={T} D={D} F={F} E={E} K={K} drop={drop}")
 
 
 @given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 1000),

@@ -1,9 +1,12 @@
 """The CPU benchmark: our strategies and transformers' experts implementations side by side, against the bound.
 
 Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
-The GEMM-only bound runs just the per-expert SwiGLU GEMMs (the very ffn_rows loop the grouped strategy
-uses) on rows already grouped by expert, with the routing's own expert loads: no routing, permutation,
-gate weights or combine. Every strategy must spend at least that.
+The GEMM-only bound runs just the expert GEMMs and SwiGLU that the grouped strategy runs, on rows already grouped
+by expert in the layout those GEMMs read, with the routing's own expert loads: no routing, permutation, gate
+weights or combine. That is the very ffn_rows loop on [N, D] row blocks, or where ffn_rows takes its batched path
+(which the strategy runs as grouped.batched_moe, gathering x straight into the padded buffer) the two torch.bmm on
+a padded [E*C, D] buffer already filled (grouped.padded_ffn), without ffn_rows's copies into and out of it.
+Every strategy must spend at least that.
 Providers, all on the same weights and the same routing:
   ours     the registered strategy functions ("loop", "grouped", "grouped_mm", ...), called directly;
            with prepack (the default, where this torch can) the layer's expert weights are packed for oneDNN
@@ -24,7 +27,7 @@ import itertools
 import torch
 
 from ..config import MoEConfig
-from ..grouped import ffn_path, ffn_rows
+from ..grouped import ffn_path, ffn_rows, padded_ffn, padded_rows
 from ..layer import MoELayer
 from ..packing import prepack_unsupported
 from ..strategy import get_strategy
@@ -43,10 +46,15 @@ PLAIN = "grouped_plain"  # the grouped strategy on the plain (unpacked) weights,
 
 
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
-    """A callable doing just the per-expert GEMMs (+SwiGLU, written in place) on pre-grouped rows: the bound."""
+    """A callable doing just the expert GEMMs (+SwiGLU) on pre-grouped rows, as the grouped strategy runs them: the
+    bound. ffn_rows on [N, D] blocks, or on its batched path padded_ffn on a filled padded buffer [E*C, D]."""
     D, bounds = x.shape[1], [0, *itertools.accumulate(counts)]  # [E+1] block bounds
     xb = x.new_empty(bounds[-1], D).normal_()  # [N, D] rows already grouped by expert
     out = x.new_empty(bounds[-1], D)
+    if ffn_path(xb, bounds, w13, w2, out) == "batched":
+        rows = padded_rows(bounds, counts)
+        buf = x.new_empty(rows.experts * rows.capacity, D).normal_()  # [E*C, D] rows already grouped and padded
+        return lambda: padded_ffn(buf, rows, w13, w2)
 
     def run():
         ffn_rows(xb, bounds, w13, w2, out)
