@@ -234,23 +234,22 @@ def _measure(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, flo
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def _candidates(a: torch.Tensor, out: torch.Tensor, w: torch.Tensor, experts: range, chunks: int,
+def _candidates(a3: torch.Tensor, o3: torch.Tensor, w: torch.Tensor, experts: range, chunks: int,
                 packed: tuple | None) -> dict[str, Callable[[], object]]:
-    """{method: one pass, a GEMM of a per expert into out} for the methods that apply."""
-    wt = [w[e].t() for e in experts]  # [K, N] views
-    fns = {"mm": lambda: [torch.mm(a, t, out=out) for t in wt]}
+    """{method: one pass, a GEMM of a3[i] [n, K] into o3[i] [n, N] for the i-th expert} for the methods that apply:
+    every expert its own rows in and out, as the blocks of a forward."""
+    wt = [(a3[i], w[e].t(), o3[i]) for i, e in enumerate(experts)]  # rows, [K, N] view, out
+    fns = {"mm": lambda: [torch.mm(a, t, out=o) for a, t, o in wt]}
     if chunks > 1:
-        fns["split"] = lambda: [expert_mm(a, t, out, chunks) for t in wt]
+        fns["split"] = lambda: [expert_mm(a, t, o, chunks) for a, t, o in wt]
     if packed is not None:
-        fns["packed"] = lambda: [packed_linear(a, packed[e], out) for e in experts]
+        fns["packed"] = lambda: [packed_linear(a, packed[e], o) for (a, _, o), e in zip(wt, experts)]
     return fns
 
 
-def _batched_pass(a: torch.Tensor, w: torch.Tensor, experts: range) -> Callable[[], object]:
-    """The pass of _candidates as one torch.bmm of [m, n, K] rows (one block per expert) by the m experts' weights."""
-    m = len(experts)
-    a3 = a.expand(m, *a.shape).contiguous()  # [m, n, K]
-    o3, w3 = a.new_empty(m, a.shape[0], w.shape[1]), w[experts.start:experts.stop].transpose(1, 2)
+def _batched_pass(a3: torch.Tensor, o3: torch.Tensor, w: torch.Tensor, experts: range) -> Callable[[], object]:
+    """The pass of _candidates as one torch.bmm of a3 [m, n, K] (one block per expert) by the m experts' weights."""
+    w3 = w[experts.start:experts.stop].transpose(1, 2)
     return lambda: torch.bmm(a3, w3, out=o3)
 
 
@@ -262,7 +261,11 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
     less), as a forward does, at every row count. Measured on the dev machine (Xeon, bf16, cpu-fine w13 at 128 rows):
     a pass cut down to 5 experts (2.5 MiB, from the L2 caches) or 16 (8 MiB) timed mm and packed within noise of each
     other and chose either from run to run, where in the forward's loop packed was 14% faster; over 32 experts
-    (16 MiB) packed won by 10-20% every time. It makes prepack slower at many rows (2-7 s per layer there).
+    (16 MiB) packed won by 10-20% every time. Each expert of a pass reads rows of its own and writes an output of its
+    own, as a forward's blocks do: when they all shared one [n, K] block and one output, the cpu-fine bf16 loop at
+    T=4096 (~512 rows per expert) was estimated at 17 ms of GEMMs, against 38 ms in the forward, while the padded
+    bmm, timed on rows of its own, was estimated at 0.68x of its forward: prepack chose the loop, which was 1.3x
+    slower. It makes prepack slower at many rows (2-7 s per layer there).
     Candidates: "mm"; "split" where column_chunks allows it and n <= SPLIT_ROWS; "packed" when `packed` (one packed
     tensor per expert) is given; with `batched`, "batched" (one torch.bmm over the pass's experts) for
     n <= BATCHED_ROWS, timed apart from the others (it reads the plain weights, which it would leave in cache for
@@ -275,14 +278,14 @@ def time_gemms(w: torch.Tensor, packed: tuple | None, rows: tuple[int, ...] = CH
     out_rows = []
     with torch.no_grad():
         for n in rows:
-            a = torch.randn(n, K, generator=gen).to(w.dtype)  # [n, K]
-            out = torch.empty(n, N, dtype=w.dtype)
             per = N * K * w.element_size()
             m = max(1, min(E, math.ceil(COLD_BYTES / per)))
-            chunks = column_chunks(a, w, out) if n <= SPLIT_ROWS else 1
-            seconds = measure(_candidates(a, out, w, range(m), chunks, packed), rounds)
+            a3 = torch.randn(m, n, K, generator=gen).to(w.dtype)  # [m, n, K]: every expert its own rows
+            o3 = torch.empty(m, n, N, dtype=w.dtype)  # [m, n, N]
+            chunks = column_chunks(a3[0], w, o3[0]) if n <= SPLIT_ROWS else 1
+            seconds = measure(_candidates(a3, o3, w, range(m), chunks, packed), rounds)
             if batched and n <= BATCHED_ROWS:
-                seconds.update(measure({"batched": _batched_pass(a, w, range(m))}, rounds))
+                seconds.update(measure({"batched": _batched_pass(a3, o3, w, range(m))}, rounds))
             out_rows.append({k: v / m for k, v in seconds.items()})
     return out_rows
 

@@ -191,10 +191,10 @@ def batched_pays(pu, pd, sizes: list[int]) -> bool:
     block's chosen method, both weights together (GemmChoice.batched_seconds and loop_seconds: linear in rows
     between the timed counts). False without prepack's timing. Measured on the dev machine (Xeon, 2 threads), the
     grouped strategy with the padded path (batched_moe) against the loop it would run otherwise: cpu-fine bf16 0.62x
-    at T=64, 0.82x at T=256, 0.89x at T=1024, all taken; 0.89x at T=2048 and 0.76x at T=4096, not taken (the timed
-    GEMMs alone say 0.86x and 1.06x there: they leave out the loop's SwiGLU per block and the traffic between its
-    GEMMs); slower for E=8 large experts (1.16-1.46x at T=64-1024, ~1.0x at T=2048-4096) and for float32
-    (1.0-1.6x), where it is not taken."""
+    at T=64, 0.82x at T=256, 0.89x at T=1024, 0.89x at T=2048 and 0.76x at T=4096, all taken (the timings say
+    0.42x-0.82x; before prepack gave every expert of a timed pass rows of its own they said 1.06x at T=4096, and the
+    loop was kept); slower for E=8 large experts (1.16-1.46x at T=64-1024, ~1.0x at T=2048-4096) and for float32
+    (1.0-1.6x), where it is not taken (the timings say 1.01x-1.9x)."""
     if pu is None or pd is None:
         return False
     E, C = len(sizes), max(sizes)

@@ -235,9 +235,11 @@ def test_choose_gemms_times_every_candidate_on_enough_experts(monkeypatch):
         mm = []
         with pytest.MonkeyPatch.context() as mp:
             real = torch.mm
-            mp.setattr(torch, "mm", lambda a, b, **kw: mm.append(b.data_ptr()) or real(a, b, **kw))
+            mp.setattr(torch, "mm", lambda a, b, **kw: mm.append((a.data_ptr(), b.data_ptr(), kw["out"].data_ptr()))
+                       or real(a, b, **kw))
             fns["mm"]()
-        assert len(set(mm)) == len(mm) == 6  # one GEMM per expert: small weights are read from memory, not cache
+        # one GEMM per expert, each on rows and into an output of its own: nothing of the pass is read from cache
+        assert all(len({g[i] for g in mm}) == len(mm) == 6 for i in range(3)), mm
         return {k: float(i + 2) for i, k in enumerate(sorted(fns))}
 
     c = cpu_gemm.choose_gemms(w, packed, rows=(1, 8), measure=measure)
