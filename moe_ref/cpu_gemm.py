@@ -123,6 +123,7 @@ class GemmChoice:
     _mm_below: int = field(init=False, repr=False, compare=False)
     _cost: list[float] | None = field(init=False, repr=False, compare=False)  # [i]: methods[i]'s seconds at rows[i]
     _cost_at: tuple[float, ...] | None = field(init=False, repr=False, compare=False)  # [n]: _linear of _cost at n
+    _batched: tuple[tuple[int, ...], tuple[float, ...]] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.rows or len(self.rows) != len(self.methods) or list(self.rows) != sorted(set(self.rows)):
@@ -141,6 +142,8 @@ class GemmChoice:
         object.__setattr__(self, "_cost", cost)
         object.__setattr__(self, "_cost_at", None if cost is None else tuple(
             _linear(self.rows, cost, n) for n in range(MM_TABLE_ROWS)))
+        at = [(n, s["batched"]) for n, s in zip(self.rows, self.seconds) if "batched" in s] if timed else []
+        object.__setattr__(self, "_batched", tuple(zip(*at)) if at else None)  # (row counts, seconds) of the bmm
 
     def method_for(self, n: int) -> str:
         """The method for a block of n rows."""
@@ -182,12 +185,9 @@ class GemmChoice:
         rows), from "batched" as _linear in rows over the row counts where it was timed (up to BATCHED_ROWS), so
         proportional to rows past the last of them; None where it was not timed (a fixed choice, or a choice made
         without the bmm)."""
-        if self._cost is None:
+        if self._batched is None:
             return None
-        at = [(n, s["batched"]) for n, s in zip(self.rows, self.seconds) if "batched" in s]
-        if not at:
-            return None
-        return _linear([n for n, _ in at], [t for _, t in at], rows) * experts
+        return _linear(*self._batched, rows) * experts
 
     def as_dict(self) -> dict:
         """{rows: {method, us: the medians in µs}}, for a JSON record or a printout."""

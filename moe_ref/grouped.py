@@ -205,7 +205,7 @@ def batched_pays(pu, pd, sizes: list[int]) -> bool:
 
 
 class PaddedRows(NamedTuple):
-    """Where the batched path puts grouped rows: expert e's block of C rows in a zero-padded [E*C, D] buffer."""
+    """Where the batched path puts grouped rows: expert e's block in rows e*C .. e*C + C of a padded [E*C, D]."""
 
     experts: int  # E
     capacity: int  # C, the largest block
@@ -221,8 +221,9 @@ def padded_rows(bounds: list[int], sizes: list[int]) -> PaddedRows:
 
 def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The batched path's GEMMs alone: buf [E*C, D] (the rows of the padded layout) -> [E*C, D] as two torch.bmm,
-    [E, C, D] @ w13^T -> SwiGLU -> @ w2^T. Padding rows that are zeros give zeros (SwiGLU of 0 is 0); they cost
-    GEMM rows, which at decode are nearly free beside reading the weights once per call."""
+    [E, C, D] @ w13^T -> SwiGLU -> @ w2^T. Each output row depends on its own input row alone, so the padding rows
+    may hold anything finite; they cost GEMM rows, which at decode are nearly free beside reading the weights once
+    per call."""
     E, C, F = rows.experts, rows.capacity, w2.shape[2]
     h = torch.bmm(buf.view(E, C, -1), w13.transpose(1, 2))  # [E, C, 2F]: gate | up
     a = Fn.silu(h[..., :F])  # [E, C, F]
@@ -407,6 +408,7 @@ def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor
     xs = x.new_empty(plan.num_rows, x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
     path, sizes = _decide(xs, bounds, w13, w2, xs)
     if path == "batched":  # x straight into the padded buffer and the combine straight out of it: no xs
+        del xs
         return StrategyResult(batched_moe(x, plan, bounds, sizes, r.topk_weights, w13, w2), computed_rows=plan.num_rows)
     torch.index_select(x, 0, plan.token_ids, out=xs)  # permute
     # each expert's output overwrites its own input block: one [N, D] buffer, not two

@@ -49,12 +49,13 @@ def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.T
     """A callable doing just the expert GEMMs (+SwiGLU) on pre-grouped rows, as the grouped strategy runs them: the
     bound. ffn_rows on [N, D] blocks, or on its batched path padded_ffn on a filled padded buffer [E*C, D]."""
     D, bounds = x.shape[1], [0, *itertools.accumulate(counts)]  # [E+1] block bounds
-    xb = x.new_empty(bounds[-1], D).normal_()  # [N, D] rows already grouped by expert
+    xb = x.new_empty(bounds[-1], D)  # [N, D] rows already grouped by expert (filled below where they are read)
     out = x.new_empty(bounds[-1], D)
     if ffn_path(xb, bounds, w13, w2, out) == "batched":
         rows = padded_rows(bounds, counts)
         buf = x.new_empty(rows.experts * rows.capacity, D).normal_()  # [E*C, D] rows already grouped and padded
         return lambda: padded_ffn(buf, rows, w13, w2)
+    xb.normal_()
 
     def run():
         ffn_rows(xb, bounds, w13, w2, out)
