@@ -18,7 +18,7 @@ from .metrics import (
     padding_waste,
 )
 from .packing import prepack, unpack
-from .permute import permute, unpermute
+from .permute import combine_slots, permute, unpermute
 from .reference import expert_ffn, reference_moe, swiglu
 from .router import Routing, route
 from .skew import expert_popularity, random_routing, skewed_routing
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CapacityConfig", "CapacityResult", "DispatchPlan", "MoEConfig", "MoELayer", "MoEOutput", "MoEStats",
-    "Routing", "apply_capacity", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",
+    "Routing", "apply_capacity", "combine_slots", "expert_capacity", "expert_counts", "expert_ffn", "group_by_expert",
     "moe_forward", "permute", "priority_rank", "reference_moe", "register_strategy", "route",
     "strategy_names", "swiglu", "unpermute",
     # packed expert weights for the grouped strategy's CPU GEMMs

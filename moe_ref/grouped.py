@@ -10,8 +10,8 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
               `expert_mm` (one torch.mm, or on a multi-threaded CPU in float32 with few rows, where cpu_gemm.split_pays
               measured that it beats one torch.mm, one torch.bmm over column chunks of the weight, so that every core
               gets a share). Where ffn_rows would run its batched path (one padded torch.bmm per weight), the
-              strategy skips the grouped rows altogether: batched_moe gathers x straight into the padded buffer
-              and combines straight out of it.
+              strategy skips the grouped rows altogether: batched_moe gathers x straight into padded rows and
+              combines straight out of them, a chunk of experts at a time (padded_ffn).
 "grouped_mm": the same work in two calls of torch's grouped GEMM (F.grouped_mm / torch._grouped_mm),
               one group per expert, no loop. Its operands' strides must be multiples of 16 bytes,
               so D and F are zero-padded to that when they are not (exact: zeros add nothing).
@@ -20,6 +20,7 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k, N grouped rows.
 from __future__ import annotations
 
 import array
+import itertools
 import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -28,9 +29,9 @@ import torch
 import torch.nn.functional as Fn
 
 from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, plain_chunks
-from .grouping import DispatchPlan, group_by_expert
+from .grouping import SMALL_SLOTS, DispatchPlan, group_by_expert, slot_counts, slot_tokens, stable_sort
 from .packing import packed_for
-from .permute import permute, unpermute
+from .permute import combine_slots, permute, unpermute
 from .reference import check_weights, swiglu
 from .router import Routing, validate_routing
 from .strategy import StrategyResult, register_strategy
@@ -180,8 +181,9 @@ def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, 
 
 
 BATCHED = True  # after prepack, a batch may run as one padded torch.bmm per weight where that was timed faster
-BATCHED_MARGIN = 0.85  # ... by this factor at least: the padded path's copies in and out are not in the timing
+BATCHED_MARGIN = 0.95  # ... by this factor at least (timing noise: the estimates where it loses are >= 1.03x)
 BATCHED_BYTES = 256 << 20  # ... and its [E*C, 2F] gate/up buffer fits in this (memory: the loop's stay per expert)
+PADDED_CHUNK_BYTES = 8 << 20  # padded_ffn's chunks of experts: rows, gate/up, SwiGLU and outputs within about this
 
 
 def batched_pays(pu, pd, sizes: list[int]) -> bool:
@@ -190,11 +192,11 @@ def batched_pays(pu, pd, sizes: list[int]) -> bool:
     packed_for(w2): the "batched" seconds at C rows for all E experts against BATCHED_MARGIN x the sum of each
     block's chosen method, both weights together (GemmChoice.batched_seconds and loop_seconds: linear in rows
     between the timed counts). False without prepack's timing. Measured on the dev machine (Xeon, 2 threads), the
-    grouped strategy with the padded path (batched_moe) against the loop it would run otherwise: cpu-fine bf16 0.62x
-    at T=64, 0.82x at T=256, 0.89x at T=1024, 0.89x at T=2048 and 0.76x at T=4096, all taken (the timings say
-    0.42x-0.82x; before prepack gave every expert of a timed pass rows of its own they said 1.06x at T=4096, and the
-    loop was kept); slower for E=8 large experts (1.16-1.46x at T=64-1024, ~1.0x at T=2048-4096) and for float32
-    (1.0-1.6x), where it is not taken (the timings say 1.01x-1.9x)."""
+    grouped strategy with the padded path (batched_moe, chunked) against the loop it would run otherwise: cpu-fine
+    bf16 0.61x at T=64, 0.80x at T=256, 0.88x at T=1024, 0.80x at T=2048 and 0.61x at T=4096, all taken (the
+    timings say 0.6x-0.88x: they time one unchunked bmm, and the loop on its own rows rather than on a forward's);
+    slower for E=8 large experts (1.06-1.41x at T=256-4096, but 0.89x at T=2048) and for float32 cpu-fine
+    (1.06-1.23x), where it is not taken (the timings say 1.03x-1.32x)."""
     if pu is None or pd is None:
         return False
     E, C = len(sizes), max(sizes)
@@ -219,16 +221,37 @@ def padded_rows(bounds: list[int], sizes: list[int]) -> PaddedRows:
     return PaddedRows(E, C, torch.arange(N) + shift.repeat_interleave(_ints(sizes), output_size=N))
 
 
-def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The batched path's GEMMs alone: buf [E*C, D] (the rows of the padded layout) -> [E*C, D] as two torch.bmm,
-    [E, C, D] @ w13^T -> SwiGLU -> @ w2^T. Each output row depends on its own input row alone, so the padding rows
-    may hold anything finite; they cost GEMM rows, which at decode are nearly free beside reading the weights once
-    per call."""
-    E, C, F = rows.experts, rows.capacity, w2.shape[2]
-    h = torch.bmm(buf.view(E, C, -1), w13.transpose(1, 2))  # [E, C, 2F]: gate | up
-    a = Fn.silu(h[..., :F])  # [E, C, F]
-    a.mul_(h[..., F:])
-    return torch.bmm(a, w2.transpose(1, 2)).view(E * C, -1)  # [E*C, D]
+def padded_chunk(rows: PaddedRows, d_model: int, d_ff: int, element_size: int) -> int:
+    """Experts per chunk of padded_ffn: E split into as few equal chunks as keep each chunk's rows, gate/up, SwiGLU
+    and outputs (C * (2D + 3F) elements per expert) within PADDED_CHUNK_BYTES, so that each step reads what the one
+    before it wrote while that is still in cache."""
+    E, C = rows.experts, rows.capacity
+    per_expert = C * (2 * d_model + 3 * d_ff) * element_size
+    chunks = max(1, -(-E * per_expert // PADDED_CHUNK_BYTES))
+    return -(-E // chunks)
+
+
+def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch.Tensor,
+               src: torch.Tensor | None = None) -> torch.Tensor:
+    """The batched path's GEMMs alone: buf [E*C, D] (the rows of the padded layout) -> [E*C, D] as torch.bmm,
+    [e, C, D] @ w13^T -> SwiGLU -> @ w2^T, over chunks of e experts (padded_chunk; one chunk at decode). Each output
+    row depends on its own input row alone, so the padding rows may hold anything finite; they cost GEMM rows,
+    which at decode are nearly free beside reading the weights once per call.
+
+    src [E*C]: buf is x [T, D] instead, and padded row i is x[src[i]], gathered chunk by chunk just before its
+    GEMMs (the grouped strategy's way: the gathered rows are still in cache when the first bmm reads them)."""
+    E, C, F, D = rows.experts, rows.capacity, w2.shape[2], w2.shape[1]
+    g = padded_chunk(rows, D, F, buf.element_size())
+    out = buf.new_empty(E * C, D)  # [E*C, D]
+    for e0 in range(0, E, g):
+        e1 = min(E, e0 + g)
+        lo, hi = e0 * C, e1 * C  # the chunk's padded rows
+        xb = buf[lo:hi] if src is None else buf.index_select(0, src[lo:hi])  # [e*C, D]
+        h = torch.bmm(xb.view(e1 - e0, C, -1), w13[e0:e1].transpose(1, 2))  # [e, C, 2F]: gate | up
+        a = Fn.silu(h[..., :F])  # [e, C, F]
+        a.mul_(h[..., F:])
+        torch.bmm(a, w2[e0:e1].transpose(1, 2), out=out[lo:hi].view(e1 - e0, C, D))
+    return out
 
 
 def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: torch.Tensor, w2: torch.Tensor,
@@ -242,20 +265,51 @@ def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: tor
     return torch.index_select(padded_ffn(buf, rows, w13, w2), 0, rows.dest, out=out)  # [N, D]
 
 
-def batched_moe(x: torch.Tensor, plan: DispatchPlan, bounds: list[int], sizes: list[int], topk_weights: torch.Tensor,
-               w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The grouped strategy where ffn_rows would take its batched path, without the grouped rows [N, D]: x [T, D]
-    gathered straight into the padded buffer, padded_ffn, and the combine reading each kept slot's output from its
-    padded row. Against permute + padded_gemms + unpermute it never writes or reads back grouped rows [N, D], on
-    the way in or out, for the same bits: each kept row meets the same GEMMs in the same buffer, and the combine
-    sums the same products in the same order. bounds [E+1], sizes [E]: plan's block bounds and sizes.
-    Returns y [T, D]."""
-    rows = padded_rows(bounds, sizes)
+class PaddedPlan(NamedTuple):
+    """The grouped strategy's plan on the padded path, built from the routing alone (no DispatchPlan)."""
+
+    rows: PaddedRows  # the padded layout: expert e's rows at e*C .. e*C + C (dest [N]: of each grouped row)
+    src: torch.Tensor  # [E*C] the token of each padded row (padding rows: token 0)
+    slot_rows: torch.Tensor  # [S] the padded row of each slot (t*K + k), -1 where the slot is dropped
+    dropped: bool  # whether any slot is
+
+
+def padded_plan(topk_ids: torch.Tensor, sizes: list[int], dropped: bool) -> PaddedPlan:
+    """The padded path's plan of topk_ids [T, K] (checked: grouping.slot_counts gives sizes [E] and dropped):
+    the slots stably sorted by expert, as group_by_expert sorts them, so grouped row i (of expert e, rank r) lands
+    on padded row e*C + r. Against group_by_expert + padded_rows + unpermute's lookup it skips the ranks, the
+    inverse permutation and the grouped-order token ids: the padded rows need only where each slot goes."""
+    T, K = topk_ids.shape
+    E, N, C = len(sizes), sum(sizes), max(sizes)
+    flat = topk_ids.reshape(-1).long()  # [S]
+    key_dtype = torch.int16 if E < 2**15 else torch.int64  # dropped slots get key E and sort last, then are cut
+    key = (torch.where(flat >= 0, flat, E) if dropped else flat).to(key_dtype)
+    expert_sorted, order = stable_sort(key)  # [S] each
+    starts = [0, *itertools.accumulate(sizes)]  # [E+1] grouped-order block bounds
+    dev = flat.device
+    shift = _ints([e * C - starts[e] for e in range(E)]).to(dev)  # [E] from a block's grouped rows to padded rows
+    dest = torch.arange(N, device=dev).add_(shift.index_select(0, expert_sorted[:N].long()))  # [N] padded rows
+    slots = order[:N]  # [N] slot of each grouped row
     # padding rows repeat token 0: a GEMM's output row depends on its own input row alone, and theirs go unread
-    src = torch.zeros(rows.experts * rows.capacity, dtype=torch.long)  # [E*C] token of each padded row
-    src.index_copy_(0, rows.dest, plan.token_ids)
-    buf = x.index_select(0, src)  # [E*C, D]
-    return unpermute(padded_ffn(buf, rows, w13, w2), plan, topk_weights, rows=rows.dest)
+    src = torch.zeros(E * C, dtype=torch.long, device=dev)
+    src.index_copy_(0, dest, slot_tokens(slots, K))
+    slot_rows = (torch.full((T * K,), -1, dtype=torch.long, device=dev) if dropped
+                 else torch.empty(T * K, dtype=torch.long, device=dev))
+    slot_rows.scatter_(0, slots, dest)
+    return PaddedPlan(PaddedRows(E, C, dest), src, slot_rows, dropped)
+
+
+def batched_moe(x: torch.Tensor, topk_ids: torch.Tensor, sizes: list[int], dropped: bool,
+                topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The grouped strategy where ffn_rows would take its batched path, without the grouped rows [N, D]: x [T, D]
+    gathered straight into padded rows (chunk by chunk, by padded_ffn), and the combine reading each kept slot's
+    output from its padded row (padded_plan). Against permute + padded_gemms + unpermute it never writes or reads
+    back grouped rows [N, D], on the way in or out, for the same bits: each kept row meets the same GEMMs in the
+    same buffer, and the combine sums the same products in the same order. sizes [E], dropped: from
+    grouping.slot_counts of topk_ids [T, K]. Returns y [T, D]."""
+    plan = padded_plan(topk_ids, sizes, dropped)
+    ys = padded_ffn(x, plan.rows, w13, w2, src=plan.src)  # [E*C, D]
+    return combine_slots(ys, plan.slot_rows, topk_weights, dropped=dropped)
 
 
 def _warn_threads(packed) -> None:
@@ -400,16 +454,23 @@ def grouped_steps(x2d: torch.Tensor, routing: Routing, w13: torch.Tensor, w2: to
 @register_strategy("grouped")
 def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor,
                 capacity: int | None = None) -> StrategyResult:
-    plan = group_by_expert(r.topk_ids, w13.shape[0])
     if needs_grad(x, w13, w2):
+        plan = group_by_expert(r.topk_ids, w13.shape[0])
         ys = grouped_ffn(permute(x, plan), plan, w13, w2)  # [N, D], out of place
         return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
-    bounds = plan.offsets.tolist()  # [E+1]
-    xs = x.new_empty(plan.num_rows, x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
+    if r.topk_ids.numel() <= SMALL_SLOTS:  # decode: the plan, in Python, holds the counts too
+        plan = group_by_expert(r.topk_ids, w13.shape[0])
+        bounds, dropped = plan.offsets.tolist(), plan.num_rows < r.topk_ids.numel()
+    else:  # the counts first: the padded path needs no DispatchPlan
+        plan, (counts, dropped) = None, slot_counts(r.topk_ids, w13.shape[0])
+        bounds = [0, *itertools.accumulate(counts.tolist())]  # [E+1]
+    xs = x.new_empty(bounds[-1], x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
     path, sizes = _decide(xs, bounds, w13, w2, xs)
-    if path == "batched":  # x straight into the padded buffer and the combine straight out of it: no xs
+    if path == "batched":  # x straight into the padded rows and the combine straight out of them: no xs
         del xs
-        return StrategyResult(batched_moe(x, plan, bounds, sizes, r.topk_weights, w13, w2), computed_rows=plan.num_rows)
+        y = batched_moe(x, r.topk_ids, sizes, dropped, r.topk_weights, w13, w2)
+        return StrategyResult(y, computed_rows=bounds[-1])
+    plan = plan or group_by_expert(r.topk_ids, w13.shape[0])
     torch.index_select(x, 0, plan.token_ids, out=xs)  # permute
     # each expert's output overwrites its own input block: one [N, D] buffer, not two
     ys = _run(path, sizes, xs, bounds, w13, w2, xs)  # [N, D]

@@ -98,12 +98,42 @@ def _small_plan(topk_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
                         num_tokens=T, top_k=K)
 
 
-def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "argsort") -> DispatchPlan:
-    """Build the DispatchPlan for topk_ids [T, K] (entries -1 are dropped and skipped)."""
+def _check_ids(topk_ids) -> None:
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be a [T, K] tensor, got {getattr(topk_ids, 'shape', topk_ids)}")
     if topk_ids.dtype.is_floating_point:
         raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+
+
+def _counts(flat: torch.Tensor, num_experts: int, keep_valid: bool = False):
+    """(dropping, valid [S] or None, counts [E]) of flat [S] int64 ids: dropping, whether some slot is -1; valid
+    marks the kept slots, None where every slot is kept (unless keep_valid); the ids are checked to lie in
+    [-1, E-1] (one reduction, one sync)."""
+    lo, hi = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (0, 0)
+    if hi >= num_experts or lo < -1:
+        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{lo}, {hi}]")
+    dropping = lo < 0  # some slot is -1
+    valid = flat >= 0 if dropping or keep_valid else None  # [S]
+    return dropping, valid, torch.bincount(flat[valid] if dropping else flat, minlength=num_experts)  # [E]
+
+
+def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, bool]:
+    """(counts [E] kept slots per expert, whether any slot of topk_ids [T, K] is dropped (-1)), with the checks of
+    group_by_expert: what a strategy needs to choose its way before it builds a plan."""
+    _check_ids(topk_ids)
+    dropping, _, counts = _counts(topk_ids.reshape(-1).long(), num_experts)
+    return counts, dropping
+
+
+def slot_tokens(slots: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token of each slot index (slot s = t*K + k belongs to token t)."""
+    k = max(top_k, 1)  # a power of two divides by a shift (integer division has no vector instructions: ~10x slower)
+    return slots >> (k.bit_length() - 1) if k & (k - 1) == 0 else slots // k
+
+
+def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "argsort") -> DispatchPlan:
+    """Build the DispatchPlan for topk_ids [T, K] (entries -1 are dropped and skipped)."""
+    _check_ids(topk_ids)
     if method not in GROUPING_METHODS:
         raise ValueError(f"method must be one of {GROUPING_METHODS}, got {method!r}")
     T, K = topk_ids.shape
@@ -111,12 +141,7 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         return _small_plan(topk_ids, num_experts)
     flat = topk_ids.reshape(-1).long()  # [S]
     dev, S = flat.device, flat.numel()
-    lo, hi = (int(v) for v in torch.aminmax(flat)) if S else (0, 0)  # one reduction, one sync
-    if hi >= num_experts or lo < -1:
-        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{lo}, {hi}]")
-    dropping = lo < 0  # some slot is -1
-    valid = flat >= 0 if dropping or method == "counting" else None  # [S]
-    counts = torch.bincount(flat[valid] if dropping else flat, minlength=num_experts)  # [E]
+    dropping, valid, counts = _counts(flat, num_experts, keep_valid=method == "counting")  # bool, [S] or None, [E]
     offsets = counts.new_zeros(num_experts + 1)
     torch.cumsum(counts, 0, out=offsets[1:])  # [E+1]
     N = int(offsets[-1]) if dropping else S
@@ -142,8 +167,7 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
         sorted_slots[dest[valid]] = slots[valid]  # scatter
     inverse = torch.full((S,), -1, dtype=torch.long, device=dev) if dropping else torch.empty_like(slots)
     inverse.scatter_(0, sorted_slots, slots[:N])  # every slot is written unless some are dropped
-    k = max(K, 1)  # a power of two divides by a shift (integer division has no vector instructions: ~10x slower)
-    token_ids = sorted_slots >> (k.bit_length() - 1) if k & (k - 1) == 0 else sorted_slots // k  # [N]
+    token_ids = slot_tokens(sorted_slots, K)  # [N]
     return DispatchPlan(counts=counts, offsets=offsets, sorted_slots=sorted_slots,
                         token_ids=token_ids, inverse=inverse, rank=rank,
                         num_tokens=T, top_k=K)

@@ -42,13 +42,31 @@ def unpermute(ys: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor,
                          f"{tuple(rows.shape)}")
     if tuple(topk_weights.shape) != (T, K):
         raise ValueError(f"topk_weights must be [T, K] = [{T}, {K}], got {tuple(topk_weights.shape)}")
+    dropped = N < T * K
+    index = plan.inverse  # [S] row of ys of each slot, -1 where dropped
+    if rows is not None:
+        index = (torch.where(index >= 0, rows.index_select(0, index.clamp(min=0)), -1) if dropped
+                 else rows.index_select(0, index))
+    return combine_slots(ys, index, topk_weights, dropped=dropped)
+
+
+def combine_slots(ys: torch.Tensor, slot_rows: torch.Tensor, topk_weights: torch.Tensor,
+                  dropped: bool | None = None) -> torch.Tensor:
+    """The combine on its own: y [T, D] = sum_k w[t, k] * ys[slot_rows[t*K + k]] over kept slots, from ys [M, D] (any
+    rows: grouped, padded) and slot_rows [S = T*K], the row of ys that holds each slot's output, -1 where the slot
+    was dropped (it adds nothing). dropped: whether any slot is (None: looked up). The same bags, in the same order,
+    as unpermute: the same bits.
+    """
+    T, K = topk_weights.shape if topk_weights.dim() == 2 else (-1, -1)
+    if topk_weights.dim() != 2 or tuple(slot_rows.shape) != (T * K,) or ys.dim() != 2:
+        raise ValueError(f"combine_slots needs ys [M, D], slot_rows [T*K] and topk_weights [T, K], got "
+                         f"{tuple(ys.shape)}, {tuple(slot_rows.shape)} and {tuple(topk_weights.shape)}")
     w = topk_weights.to(ys.dtype)  # [T, K]
-    if N == T * K:  # nothing dropped: T bags of exactly K rows
-        index = plan.inverse if rows is None else rows.index_select(0, plan.inverse)  # [S]
-        return Fn.embedding_bag(index.view(T, K), ys, mode="sum", per_sample_weights=w)
-    kept = plan.inverse >= 0  # [S]
+    if dropped is None:
+        dropped = bool((slot_rows < 0).any())
+    if not dropped:  # T bags of exactly K rows
+        return Fn.embedding_bag(slot_rows.view(T, K), ys, mode="sum", per_sample_weights=w)
+    kept = slot_rows >= 0  # [S]
     offsets = torch.zeros(T, dtype=torch.long, device=ys.device)  # [T] start of each token's bag
     torch.cumsum(kept.view(T, K).sum(1)[:-1], 0, out=offsets[1:])
-    index = plan.inverse[kept]  # [N] grouped row of each kept slot, token by token
-    index = index if rows is None else rows.index_select(0, index)
-    return Fn.embedding_bag(index, ys, offsets, mode="sum", per_sample_weights=w.reshape(-1)[kept])
+    return Fn.embedding_bag(slot_rows[kept], ys, offsets, mode="sum", per_sample_weights=w.reshape(-1)[kept])

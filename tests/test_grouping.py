@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moe_ref
+from moe_ref import grouping
 
 
 @st.composite
@@ -131,3 +132,63 @@ def test_the_small_plan_checks_the_ids():
         moe_ref.group_by_expert(torch.tensor([[0, 4]]), 4)
     with pytest.raises(ValueError, match=r"got \[-2, 1\]"):
         moe_ref.group_by_expert(torch.tensor([[-2, 1]]), 4)
+
+
+@given(routings(), st.integers(0, 10_000))
+def test_combine_slots_is_unpermute_given_each_slots_row(case, seed):
+    """combine_slots (the combine on its own: a row of ys per slot, -1 where dropped) gives unpermute's bits."""
+    ids, E = case
+    T, K = ids.shape
+    g = torch.Generator().manual_seed(seed)
+    plan = moe_ref.group_by_expert(ids, E)
+    ys = torch.randn(plan.num_rows, 5, generator=g).bfloat16()
+    w = torch.rand(T, K, generator=g)
+    want = moe_ref.unpermute(ys, plan, w)
+    for dropped in (None, plan.num_rows < T * K):
+        assert torch.equal(moe_ref.combine_slots(ys, plan.inverse, w, dropped=dropped), want)
+    with pytest.raises(ValueError, match="slot_rows"):
+        moe_ref.combine_slots(ys, plan.inverse[:-1] if T * K else torch.zeros(1, dtype=torch.long), w)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_ref.combine_slots(ys, plan.inverse, w.reshape(-1))
+
+
+@given(routings())
+def test_slot_counts_are_the_plans_counts(case):
+    ids, E = case
+    plan = moe_ref.group_by_expert(ids, E)
+    counts, dropped = grouping.slot_counts(ids, E)
+    assert torch.equal(counts, plan.counts) and dropped == bool((ids < 0).any())
+
+
+def test_slot_counts_checks_the_ids_as_the_plan_does():
+    with pytest.raises(ValueError, match=r"topk_ids values must be in \[-1, 1\]"):
+        grouping.slot_counts(torch.tensor([[2]]), 2)
+    with pytest.raises(ValueError, match="topk_ids values"):
+        grouping.slot_counts(torch.tensor([[-2, 0]]), 2)
+    with pytest.raises(TypeError, match="integer"):
+        grouping.slot_counts(torch.zeros(2, 1), 2)
+    with pytest.raises(ValueError, match=r"\[T, K\]"):
+        grouping.slot_counts(torch.zeros(3, dtype=torch.long), 2)
+
+
+@given(routings())
+def test_the_padded_plan_puts_each_grouped_row_where_the_dispatch_plan_says(case):
+    """padded_plan (from the routing alone) against group_by_expert + padded_rows: the same padded row for each
+    grouped row, the token of each padded row, and the padded row of each slot (-1 dropped)."""
+    from moe_ref import grouped
+    ids, E = case
+    T, K = ids.shape
+    counts, dropped = grouping.slot_counts(ids, E)
+    sizes = counts.tolist()
+    if not any(sizes):
+        return  # no padded layout without rows (the strategy takes its "empty" way)
+    plan = moe_ref.group_by_expert(ids, E)
+    rows = grouped.padded_rows(plan.offsets.tolist(), sizes)
+    p = grouped.padded_plan(ids, sizes, dropped)
+    assert (p.rows.experts, p.rows.capacity, p.dropped) == (rows.experts, rows.capacity, dropped)
+    assert torch.equal(p.rows.dest, rows.dest)
+    src = torch.zeros(rows.experts * rows.capacity, dtype=torch.long)
+    src[rows.dest] = plan.token_ids
+    assert torch.equal(p.src, src)
+    want = torch.where(plan.inverse >= 0, rows.dest[plan.inverse.clamp(min=0)], -1)
+    assert torch.equal(p.slot_rows, want)

@@ -325,13 +325,15 @@ def test_a_small_batch_runs_as_one_padded_bmm_per_weight_where_that_was_timed_fa
 
 
 @given(cfg=configs(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), drop=st.floats(0.0, 1.0),
-       seed=st.integers(0, 1000))
-@example(cfg=(7, 4, 3, 1, 1, False, 0), dtype=torch.bfloat16, drop=0.0, seed=0)  # E=1: C = N, no padding
-@example(cfg=(33, 16, 8, 8, 2, True, 3), dtype=torch.float32, drop=0.5, seed=1)  # dropped slots
-@example(cfg=(64, 33, 22, 16, 16, False, 5), dtype=torch.bfloat16, drop=1.0, seed=2)  # K=E, all dropped
-def test_grouped_batched_path_skips_the_grouped_rows_for_the_same_bits(cfg, dtype, drop, seed):
-    """Where ffn_rows takes the padded bmm, the grouped strategy gathers x straight into the padded buffer and
-    combines straight out of it (batched_moe): the same bits as the steps through xs and ys, and the reference."""
+       seed=st.integers(0, 1000), chunk=st.sampled_from([None, 1, 3000]))
+@example(cfg=(7, 4, 3, 1, 1, False, 0), dtype=torch.bfloat16, drop=0.0, seed=0, chunk=None)  # E=1: C = N, no padding
+@example(cfg=(33, 16, 8, 8, 2, True, 3), dtype=torch.float32, drop=0.5, seed=1, chunk=1)  # dropped, one expert a chunk
+@example(cfg=(64, 33, 22, 16, 16, False, 5), dtype=torch.bfloat16, drop=1.0, seed=2, chunk=None)  # K=E, all dropped
+@example(cfg=(64, 16, 8, 16, 4, False, 7), dtype=torch.bfloat16, drop=0.1, seed=3, chunk=3000)  # uneven chunks
+def test_grouped_batched_path_skips_the_grouped_rows_for_the_same_bits(cfg, dtype, drop, seed, chunk):
+    """Where ffn_rows takes the padded bmm, the grouped strategy gathers x straight into padded rows and combines
+    straight out of them (batched_moe): the same bits as the steps through xs and ys, and the reference, whatever
+    the chunks of experts padded_ffn runs (chunk: PADDED_CHUNK_BYTES; None: the default)."""
     T, D, F, E, K, renorm, s = cfg
     layer, x = make_case(T, D, F, E, K, seed=s, renormalize=renorm)
     low = low_copy(layer, dtype)
@@ -342,14 +344,25 @@ def test_grouped_batched_path_skips_the_grouped_rows_for_the_same_bits(cfg, dtyp
     ids = torch.where(torch.rand(r.topk_ids.shape, generator=g) < drop, -1, r.topk_ids)  # some slots dropped
     r = moe_ref.Routing(topk_ids=ids, topk_weights=r.topk_weights)
     xd = x.to(dtype)
-    calls = []
+    calls, bmms = [], []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(grouped, "batched_moe", lambda *a, real=grouped.batched_moe: calls.append(1) or real(*a))
+        if chunk is not None:
+            mp.setattr(grouped, "PADDED_CHUNK_BYTES", chunk)
+        mp.setattr(torch, "bmm", lambda a, b, real=torch.bmm, **kw: bmms.append(a.shape[0]) or real(a, b, **kw))
         y = GROUPED(xd, r, low.w13, low.w2).y
+        strategy_bmms = list(bmms)
         s = grouped_steps(xd, r, low.w13, low.w2)
-    plan = s.plan
+        plan = s.plan
+        if plan.num_rows:
+            rows = grouped.padded_rows(plan.offsets.tolist(), plan.counts.tolist())
+            g = grouped.padded_chunk(rows, D, F, xd.element_size())
     path = grouped.ffn_path(s.xs, plan.offsets.tolist(), low.w13, low.w2, s.xs)
     assert (calls == [1]) == (path == "batched"), (path, calls)
+    if path == "batched":  # each chunk of g experts (the last one: the rest) runs its two bmm
+        want_chunks = [min(g, E - e0) for e0 in range(0, E, g) for _ in (0, 1)]
+        assert strategy_bmms == want_chunks and bmms == want_chunks * 2, (strategy_bmms, g)
+        assert chunk != 1 or g == 1
     assert path == "batched" or plan.num_rows == 0 or T * K == 0, path  # the fake timing makes the bmm win
     assert torch.equal(y, s.y)
     want = moe_ref.reference_moe(xd.double(), r, low.w13.double(), low.w2.double())

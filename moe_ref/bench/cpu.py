@@ -4,8 +4,9 @@ Legend: T tokens, D d_model, F d_ff, E experts, K top-k.
 The GEMM-only bound runs just the expert GEMMs and SwiGLU that the grouped strategy runs, on rows already grouped
 by expert in the layout those GEMMs read, with the routing's own expert loads: no routing, permutation, gate
 weights or combine. That is the very ffn_rows loop on [N, D] row blocks, or where ffn_rows takes its batched path
-(which the strategy runs as grouped.batched_moe, gathering x straight into the padded buffer) the two torch.bmm on
-a padded [E*C, D] buffer already filled (grouped.padded_ffn), without ffn_rows's copies into and out of it.
+(which the strategy runs as grouped.batched_moe, gathering x straight into padded rows) the torch.bmm pairs, chunk
+of experts by chunk, on a padded [E*C, D] buffer already filled (grouped.padded_ffn), without the gather and without
+ffn_rows's copies into and out of it.
 Every strategy must spend at least that.
 Providers, all on the same weights and the same routing:
   ours     the registered strategy functions ("loop", "grouped", "grouped_mm", ...), called directly;
