@@ -183,7 +183,7 @@ def torch_grouped_gemms(xs: torch.Tensor, bounds: list[int], w13: torch.Tensor, 
 BATCHED = True  # after prepack, a batch may run as one padded torch.bmm per weight where that was timed faster
 BATCHED_MARGIN = 0.95  # ... by this factor at least (timing noise: the estimates where it loses are >= 1.03x)
 BATCHED_BYTES = 256 << 20  # ... and its [E*C, 2F] gate/up buffer fits in this (memory: the loop's stay per expert)
-PADDED_CHUNK_BYTES = 8 << 20  # padded_ffn's chunks of experts: rows, gate/up, SwiGLU and outputs within about this
+PADDED_CHUNK_BYTES = 9 << 20  # padded_ffn's chunks of experts: rows, gate/up, SwiGLU and outputs within this
 
 
 def batched_pays(pu, pd, sizes: list[int]) -> bool:
@@ -222,13 +222,15 @@ def padded_rows(bounds: list[int], sizes: list[int]) -> PaddedRows:
 
 
 def padded_chunk(rows: PaddedRows, d_model: int, d_ff: int, element_size: int) -> int:
-    """Experts per chunk of padded_ffn: E split into as few equal chunks as keep each chunk's rows, gate/up, SwiGLU
-    and outputs (C * (2D + 3F) elements per expert) within PADDED_CHUNK_BYTES, so that each step reads what the one
-    before it wrote while that is still in cache."""
+    """Experts per chunk of padded_ffn: all E where they fit, else the largest power of two whose chunk of rows,
+    gate/up, SwiGLU and outputs (C * (2D + 3F) elements per expert) fits in PADDED_CHUNK_BYTES (one at least), so that each step reads what the one
+    before it wrote while that is still in cache. Measured on the dev machine (Xeon, 2 threads, cpu-fine bf16, the
+    strategy's own time): 8 experts a chunk were fastest at T=1024 (C=166; 11, 13 or 16: 3-4 % slower, all 64 at
+    once 13 % slower) and at T=2048 (4 or 12: 5-8 % slower), 4 about as fast as 6 or 8 at T=4096 (C=586; 2 or 3:
+    17-30 % slower)."""
     E, C = rows.experts, rows.capacity
-    per_expert = C * (2 * d_model + 3 * d_ff) * element_size
-    chunks = max(1, -(-E * per_expert // PADDED_CHUNK_BYTES))
-    return -(-E // chunks)
+    fit = PADDED_CHUNK_BYTES // max(1, C * (2 * d_model + 3 * d_ff) * element_size)
+    return E if fit >= E else 1 << (max(fit, 1).bit_length() - 1)
 
 
 def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch.Tensor,

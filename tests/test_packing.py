@@ -474,3 +474,17 @@ def test_a_changed_thread_count_warns_once(two_threads):
         warnings.simplefilter("error")
         GROUPED(x, r, layer.w13, layer.w2)  # once per weight
 
+
+
+def test_padded_chunks_are_all_experts_where_they_fit_else_a_power_of_two():
+    """padded_chunk's rule, worked by hand: C * (2D + 3F) * element_size bytes per expert against
+    PADDED_CHUNK_BYTES."""
+    def chunk(E, C, D=512, F=256, elt=2):
+        return grouped.padded_chunk(grouped.PaddedRows(E, C, torch.zeros(0, dtype=torch.long)), D, F, elt)
+
+    per = 2 * 512 + 3 * 256  # elements per padded row
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grouped, "PADDED_CHUNK_BYTES", 15 * 166 * per * 2)  # 15 experts of 166 rows fit
+        assert chunk(64, 166) == 8 and chunk(15, 166) == 15 and chunk(12, 166) == 12 and chunk(16, 166) == 8
+        assert chunk(64, 15 * 166) == 1 and chunk(64, 100 * 166) == 1  # one expert, even past the budget
+        assert chunk(64, 166, elt=4) == 4  # 7 fit in float32
