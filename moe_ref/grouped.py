@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, plain_chunks
-from .grouping import SMALL_SLOTS, DispatchPlan, group_by_expert, slot_counts, slot_tokens, stable_sort
+from .grouping import DispatchPlan, group_by_expert, group_counted, slot_counts, slot_tokens, stable_sort
 from .packing import packed_for
 from .permute import combine_slots, permute, unpermute
 from .reference import check_weights, swiglu
@@ -223,11 +223,11 @@ def padded_rows(bounds: list[int], sizes: list[int]) -> PaddedRows:
 
 def padded_chunk(rows: PaddedRows, d_model: int, d_ff: int, element_size: int) -> int:
     """Experts per chunk of padded_ffn: all E where they fit, else the largest power of two whose chunk of rows,
-    gate/up, SwiGLU and outputs (C * (2D + 3F) elements per expert) fits in PADDED_CHUNK_BYTES (one at least), so that each step reads what the one
-    before it wrote while that is still in cache. Measured on the dev machine (Xeon, 2 threads, cpu-fine bf16, the
-    strategy's own time): 8 experts a chunk were fastest at T=1024 (C=166; 11, 13 or 16: 3-4 % slower, all 64 at
-    once 13 % slower) and at T=2048 (4 or 12: 5-8 % slower), 4 about as fast as 6 or 8 at T=4096 (C=586; 2 or 3:
-    17-30 % slower)."""
+    gate/up, SwiGLU and outputs (C * (2D + 3F) elements per expert) fits in PADDED_CHUNK_BYTES (one at least), so
+    that each step reads what the one before it wrote while that is still in cache. Measured on the dev machine
+    (Xeon, 2 threads, cpu-fine bf16, the strategy's own time): 8 experts a chunk were fastest at T=1024 (C=166; 11,
+    13 or 16: 3-4 % slower, all 64 at once 13 % slower) and at T=2048 (4 or 12: 5-8 % slower), 4 about as fast as
+    6 or 8 at T=4096 (C=586; 2 or 3: 17-30 % slower)."""
     E, C = rows.experts, rows.capacity
     fit = PADDED_CHUNK_BYTES // max(1, C * (2 * d_model + 3 * d_ff) * element_size)
     return E if fit >= E else 1 << (max(fit, 1).bit_length() - 1)
@@ -460,19 +460,15 @@ def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor
         plan = group_by_expert(r.topk_ids, w13.shape[0])
         ys = grouped_ffn(permute(x, plan), plan, w13, w2)  # [N, D], out of place
         return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
-    if r.topk_ids.numel() <= SMALL_SLOTS:  # decode: the plan, in Python, holds the counts too
-        plan = group_by_expert(r.topk_ids, w13.shape[0])
-        bounds, dropped = plan.offsets.tolist(), plan.num_rows < r.topk_ids.numel()
-    else:  # the counts first: the padded path needs no DispatchPlan
-        plan, (counts, dropped) = None, slot_counts(r.topk_ids, w13.shape[0])
-        bounds = [0, *itertools.accumulate(counts.tolist())]  # [E+1]
+    counts, dropped = slot_counts(r.topk_ids, w13.shape[0])  # [E] the counts first: the padded path needs no plan
+    bounds = [0, *itertools.accumulate(counts)]  # [E+1]
     xs = x.new_empty(bounds[-1], x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
     path, sizes = _decide(xs, bounds, w13, w2, xs)
     if path == "batched":  # x straight into the padded rows and the combine straight out of them: no xs
         del xs
         y = batched_moe(x, r.topk_ids, sizes, dropped, r.topk_weights, w13, w2)
         return StrategyResult(y, computed_rows=bounds[-1])
-    plan = plan or group_by_expert(r.topk_ids, w13.shape[0])
+    plan = group_counted(r.topk_ids, w13.shape[0], counts, dropped)
     torch.index_select(x, 0, plan.token_ids, out=xs)  # permute
     # each expert's output overwrites its own input block: one [N, D] buffer, not two
     ys = _run(path, sizes, xs, bounds, w13, w2, xs)  # [N, D]

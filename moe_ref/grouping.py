@@ -117,12 +117,22 @@ def _counts(flat: torch.Tensor, num_experts: int, keep_valid: bool = False):
     return dropping, valid, torch.bincount(flat[valid] if dropping else flat, minlength=num_experts)  # [E]
 
 
-def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, bool]:
-    """(counts [E] kept slots per expert, whether any slot of topk_ids [T, K] is dropped (-1)), with the checks of
-    group_by_expert: what a strategy needs to choose its way before it builds a plan."""
+def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[list[int], bool]:
+    """(rows [E]: kept slots per expert, whether any slot of topk_ids [T, K] is dropped (-1)), with the checks of
+    group_by_expert: what a strategy needs to choose its way before it builds a plan (group_counted then builds
+    it without counting again). A few CPU slots (decode) are counted in Python from one .tolist()."""
     _check_ids(topk_ids)
+    if topk_ids.device.type == "cpu" and topk_ids.numel() <= SMALL_SLOTS:
+        flat = topk_ids.reshape(-1).tolist()
+        if flat and (max(flat) >= num_experts or min(flat) < -1):
+            raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{min(flat)}, {max(flat)}]")
+        rows = [0] * num_experts
+        for e in flat:
+            if e >= 0:
+                rows[e] += 1
+        return rows, -1 in flat
     dropping, _, counts = _counts(topk_ids.reshape(-1).long(), num_experts)
-    return counts, dropping
+    return counts.tolist(), dropping
 
 
 def slot_tokens(slots: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -140,8 +150,24 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
     if method == "argsort" and topk_ids.device.type == "cpu" and 0 < T * K <= SMALL_SLOTS:
         return _small_plan(topk_ids, num_experts)
     flat = topk_ids.reshape(-1).long()  # [S]
-    dev, S = flat.device, flat.numel()
     dropping, valid, counts = _counts(flat, num_experts, keep_valid=method == "counting")  # bool, [S] or None, [E]
+    return _plan(flat, T, K, num_experts, method, dropping, valid, counts)
+
+
+def group_counted(topk_ids: torch.Tensor, num_experts: int, rows: list[int], dropped: bool) -> DispatchPlan:
+    """group_by_expert (method "argsort") of topk_ids [T, K] given slot_counts's (rows [E], dropped) of these very
+    ids: the same plan, without checking and counting them again."""
+    T, K = topk_ids.shape
+    if topk_ids.device.type == "cpu" and 0 < T * K <= SMALL_SLOTS:
+        return _small_plan(topk_ids, num_experts)
+    flat = topk_ids.reshape(-1).long()  # [S]
+    counts = torch.tensor(rows, dtype=torch.long, device=flat.device)  # [E]
+    return _plan(flat, T, K, num_experts, "argsort", dropped, flat >= 0 if dropped else None, counts)
+
+
+def _plan(flat, T, K, num_experts, method, dropping, valid, counts) -> DispatchPlan:
+    """The vectorised plan of flat [S] ids, given their counts [E] (and valid [S] where dropping or "counting")."""
+    dev, S = flat.device, flat.numel()
     offsets = counts.new_zeros(num_experts + 1)
     torch.cumsum(counts, 0, out=offsets[1:])  # [E+1]
     N = int(offsets[-1]) if dropping else S

@@ -157,10 +157,18 @@ def test_slot_counts_are_the_plans_counts(case):
     ids, E = case
     plan = moe_ref.group_by_expert(ids, E)
     counts, dropped = grouping.slot_counts(ids, E)
-    assert torch.equal(counts, plan.counts) and dropped == bool((ids < 0).any())
+    assert counts == plan.counts.tolist() and dropped == bool((ids < 0).any())
+    with pytest.MonkeyPatch.context() as mp:  # the vectorised count too, below SMALL_SLOTS
+        mp.setattr(grouping, "SMALL_SLOTS", 0)
+        assert grouping.slot_counts(ids, E) == (counts, dropped)
+    counted = grouping.group_counted(ids, E, counts, dropped)
+    for f in ("counts", "offsets", "sorted_slots", "token_ids", "inverse", "rank"):
+        assert torch.equal(getattr(counted, f), getattr(plan, f)), f
 
 
-def test_slot_counts_checks_the_ids_as_the_plan_does():
+@pytest.mark.parametrize("small", [64, 0])  # counted in Python, or vectorised
+def test_slot_counts_checks_the_ids_as_the_plan_does(small, monkeypatch):
+    monkeypatch.setattr(grouping, "SMALL_SLOTS", small)
     with pytest.raises(ValueError, match=r"topk_ids values must be in \[-1, 1\]"):
         grouping.slot_counts(torch.tensor([[2]]), 2)
     with pytest.raises(ValueError, match="topk_ids values"):
@@ -178,8 +186,7 @@ def test_the_padded_plan_puts_each_grouped_row_where_the_dispatch_plan_says(case
     from moe_ref import grouped
     ids, E = case
     T, K = ids.shape
-    counts, dropped = grouping.slot_counts(ids, E)
-    sizes = counts.tolist()
+    sizes, dropped = grouping.slot_counts(ids, E)
     if not any(sizes):
         return  # no padded layout without rows (the strategy takes its "empty" way)
     plan = moe_ref.group_by_expert(ids, E)
