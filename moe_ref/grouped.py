@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, plain_chunks
-from .grouping import DispatchPlan, group_by_expert, group_counted, slot_counts, slot_tokens, stable_sort
+from .grouping import DispatchPlan, group_by_expert, row_plan, slot_counts, slot_order, slot_tokens
 from .packing import packed_for
 from .permute import combine_slots, permute, unpermute
 from .reference import check_weights, swiglu
@@ -282,16 +282,10 @@ def padded_plan(topk_ids: torch.Tensor, sizes: list[int], dropped: bool) -> Padd
     on padded row e*C + r. Against group_by_expert + padded_rows + unpermute's lookup it skips the ranks, the
     inverse permutation and the grouped-order token ids: the padded rows need only where each slot goes."""
     T, K = topk_ids.shape
-    E, N, C = len(sizes), sum(sizes), max(sizes)
-    flat = topk_ids.reshape(-1).long()  # [S]
-    key_dtype = torch.int16 if E < 2**15 else torch.int64  # dropped slots get key E and sort last, then are cut
-    key = (torch.where(flat >= 0, flat, E) if dropped else flat).to(key_dtype)
-    expert_sorted, order = stable_sort(key)  # [S] each
-    starts = [0, *itertools.accumulate(sizes)]  # [E+1] grouped-order block bounds
-    dev = flat.device
-    shift = _ints([e * C - starts[e] for e in range(E)]).to(dev)  # [E] from a block's grouped rows to padded rows
-    dest = torch.arange(N, device=dev).add_(shift.index_select(0, expert_sorted[:N].long()))  # [N] padded rows
-    slots = order[:N]  # [N] slot of each grouped row
+    rows = padded_rows([0, *itertools.accumulate(sizes)], sizes)  # dest [N]: the padded row of each grouped row
+    E, C, N, dev = rows.experts, rows.capacity, rows.dest.shape[0], topk_ids.device
+    slots = slot_order(topk_ids, E, dropped)[:N]  # [N] the slot of each grouped row
+    dest = rows.dest.to(dev)
     # padding rows repeat token 0: a GEMM's output row depends on its own input row alone, and theirs go unread
     src = torch.zeros(E * C, dtype=torch.long, device=dev)
     src.index_copy_(0, dest, slot_tokens(slots, K))
@@ -468,11 +462,12 @@ def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor
         del xs
         y = batched_moe(x, r.topk_ids, sizes, dropped, r.topk_weights, w13, w2)
         return StrategyResult(y, computed_rows=bounds[-1])
-    plan = group_counted(r.topk_ids, w13.shape[0], counts, dropped)
+    plan = row_plan(r.topk_ids, w13.shape[0], counts, dropped)  # token_ids [N], slot_rows [S]: all the rest reads
     torch.index_select(x, 0, plan.token_ids, out=xs)  # permute
     # each expert's output overwrites its own input block: one [N, D] buffer, not two
     ys = _run(path, sizes, xs, bounds, w13, w2, xs)  # [N, D]
-    return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
+    y = combine_slots(ys, plan.slot_rows, r.topk_weights, dropped=dropped)  # unpermute
+    return StrategyResult(y, computed_rows=bounds[-1])
 
 
 def _pad_to(n: int, multiple: int) -> int:

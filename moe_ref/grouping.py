@@ -12,6 +12,7 @@ Both give the same plan: within an expert, slots stay in token order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,6 +68,22 @@ def stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sort(key, stable=True)
 
 
+def _key(flat: torch.Tensor, num_experts: int, dropping: bool) -> torch.Tensor:
+    """The sort key of flat [S] ids: dropped slots get key E so they sort past every real expert; in the narrowest
+    integer type that holds E (a stable sort of int16 keys is ~3x faster than of int64)."""
+    key_dtype = torch.int16 if num_experts < 2**15 else torch.int64
+    return (torch.where(flat >= 0, flat, num_experts) if dropping else flat).to(key_dtype)
+
+
+def slot_order(topk_ids: torch.Tensor, num_experts: int, dropped: bool) -> torch.Tensor:
+    """[S] the slots t*K + k of topk_ids [T, K] stably sorted by expert, dropped slots (-1) last: the order of
+    group_by_expert's sorted_slots (its first N), without the sorted keys. dropped: whether any slot is -1."""
+    key = _key(topk_ids.reshape(-1), num_experts, dropped)  # [S]
+    if key.device.type == "cpu" and key.dtype == torch.int16:
+        return torch.from_numpy(np.argsort(key.numpy(), kind="stable"))  # [S] int64
+    return torch.sort(key, stable=True)[1]
+
+
 SMALL_SLOTS = 64  # up to this many CPU slots (decode) the "argsort" plan is built in Python from one .tolist()
 
 
@@ -119,7 +136,7 @@ def _counts(flat: torch.Tensor, num_experts: int, keep_valid: bool = False):
 
 def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[list[int], bool]:
     """(rows [E]: kept slots per expert, whether any slot of topk_ids [T, K] is dropped (-1)), with the checks of
-    group_by_expert: what a strategy needs to choose its way before it builds a plan (group_counted then builds
+    group_by_expert: what a strategy needs to choose its way before it builds a plan (row_plan then builds
     it without counting again). A few CPU slots (decode) are counted in Python from one .tolist()."""
     _check_ids(topk_ids)
     if topk_ids.device.type == "cpu" and topk_ids.numel() <= SMALL_SLOTS:
@@ -154,15 +171,27 @@ def group_by_expert(topk_ids: torch.Tensor, num_experts: int, method: str = "arg
     return _plan(flat, T, K, num_experts, method, dropping, valid, counts)
 
 
-def group_counted(topk_ids: torch.Tensor, num_experts: int, rows: list[int], dropped: bool) -> DispatchPlan:
-    """group_by_expert (method "argsort") of topk_ids [T, K] given slot_counts's (rows [E], dropped) of these very
-    ids: the same plan, without checking and counting them again."""
+class RowPlan(NamedTuple):
+    """What a forward of the grouped strategy reads of a plan: DispatchPlan's token_ids and inverse alone."""
+
+    token_ids: torch.Tensor  # [N] the token (row of x) of each grouped row
+    slot_rows: torch.Tensor  # [S] the grouped row of each slot t*K + k, -1 where it is dropped
+
+
+def row_plan(topk_ids: torch.Tensor, num_experts: int, rows: list[int], dropped: bool) -> RowPlan:
+    """group_by_expert's token_ids and inverse of topk_ids [T, K], given slot_counts's (rows [E], dropped) of these
+    very ids: without checking and counting them again, and without the counts, offsets and ranks as tensors
+    (the grouped strategy's forward keeps its counts as Python ints and reads no rank)."""
     T, K = topk_ids.shape
     if topk_ids.device.type == "cpu" and 0 < T * K <= SMALL_SLOTS:
-        return _small_plan(topk_ids, num_experts)
-    flat = topk_ids.reshape(-1).long()  # [S]
-    counts = torch.tensor(rows, dtype=torch.long, device=flat.device)  # [E]
-    return _plan(flat, T, K, num_experts, "argsort", dropped, flat >= 0 if dropped else None, counts)
+        plan = _small_plan(topk_ids, num_experts)
+        return RowPlan(plan.token_ids, plan.inverse)
+    N, dev = sum(rows), topk_ids.device
+    slots = slot_order(topk_ids, num_experts, dropped)[:N]  # [N] the slot of each grouped row
+    slot_rows = (torch.full((T * K,), -1, dtype=torch.long, device=dev) if dropped
+                 else torch.empty(T * K, dtype=torch.long, device=dev))
+    slot_rows.scatter_(0, slots, torch.arange(N, device=dev))
+    return RowPlan(slot_tokens(slots, K), slot_rows)
 
 
 def _plan(flat, T, K, num_experts, method, dropping, valid, counts) -> DispatchPlan:
@@ -173,11 +202,7 @@ def _plan(flat, T, K, num_experts, method, dropping, valid, counts) -> DispatchP
     N = int(offsets[-1]) if dropping else S
     slots = torch.arange(S, device=dev)  # [S]
     if method == "argsort":
-        # dropped slots get key E so they sort past every real expert, then are cut off; the keys are sorted
-        # in the narrowest integer type that holds E (a stable sort of int16 keys is ~3x faster than of int64)
-        key_dtype = torch.int16 if num_experts < 2**15 else torch.int64
-        key = (torch.where(valid, flat, num_experts) if dropping else flat).to(key_dtype)
-        expert_sorted, order = stable_sort(key)  # [S] each
+        expert_sorted, order = stable_sort(_key(flat, num_experts, dropping))  # [S] each: dropped slots last
         sorted_slots = order[:N]  # [N]
         block_start = offsets.index_select(0, expert_sorted[:N].long())  # [N] first row of each row's expert
         rank = torch.full((S,), -1, dtype=torch.long, device=dev) if dropping else torch.empty_like(slots)

@@ -161,9 +161,12 @@ def test_slot_counts_are_the_plans_counts(case):
     with pytest.MonkeyPatch.context() as mp:  # the vectorised count too, below SMALL_SLOTS
         mp.setattr(grouping, "SMALL_SLOTS", 0)
         assert grouping.slot_counts(ids, E) == (counts, dropped)
-    counted = grouping.group_counted(ids, E, counts, dropped)
-    for f in ("counts", "offsets", "sorted_slots", "token_ids", "inverse", "rank"):
-        assert torch.equal(getattr(counted, f), getattr(plan, f)), f
+    for small in (64, 0):  # built in Python, or vectorised
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(grouping, "SMALL_SLOTS", small)
+            rp = grouping.row_plan(ids, E, counts, dropped)
+            assert torch.equal(rp.token_ids, plan.token_ids) and torch.equal(rp.slot_rows, plan.inverse), small
+            assert torch.equal(grouping.slot_order(ids, E, dropped)[:plan.num_rows], plan.sorted_slots), small
 
 
 @pytest.mark.parametrize("small", [64, 0])  # counted in Python, or vectorised
