@@ -296,8 +296,8 @@ def padded_plan(topk_ids: torch.Tensor, sizes: list[int], dropped: bool) -> Padd
     src[dest] = slots // K
     slot_rows = np.full(T * K, -1, dtype=np.int64) if dropped else np.empty(T * K, dtype=np.int64)
     slot_rows[slots] = dest
-    src, slot_rows, dest = (torch.from_numpy(a).to(dev) for a in (src, slot_rows, dest))
-    return PaddedPlan(PaddedRows(E, C, dest), src, slot_rows, dropped)
+    return PaddedPlan(rows._replace(dest=rows.dest.to(dev)), torch.from_numpy(src).to(dev),
+                      torch.from_numpy(slot_rows).to(dev), dropped)
 
 
 def batched_moe(x: torch.Tensor, topk_ids: torch.Tensor, sizes: list[int], dropped: bool,

@@ -63,9 +63,16 @@ def stable_sort(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ~30 µs; at 32,768 both radix-sort, 160 µs against 120 µs). A stable sort has one answer: both give the same order.
     """
     if key.device.type == "cpu" and key.dtype == torch.int16 and key.dim() == 1:
-        order = torch.from_numpy(np.argsort(key.numpy(), kind="stable"))  # [S] int64
+        order = _order(key)  # [S] int64
         return key.index_select(0, order), order
     return torch.sort(key, stable=True)
+
+
+def _order(key: torch.Tensor) -> torch.Tensor:
+    """The order alone of stable_sort(key), by the same rule."""
+    if key.device.type == "cpu" and key.dtype == torch.int16 and key.dim() == 1:
+        return torch.from_numpy(np.argsort(key.numpy(), kind="stable"))  # [S] int64
+    return torch.sort(key, stable=True)[1]
 
 
 def _key(flat: torch.Tensor, num_experts: int, dropping: bool) -> torch.Tensor:
@@ -78,13 +85,21 @@ def _key(flat: torch.Tensor, num_experts: int, dropping: bool) -> torch.Tensor:
 def slot_order(topk_ids: torch.Tensor, num_experts: int, dropped: bool) -> torch.Tensor:
     """[S] the slots t*K + k of topk_ids [T, K] stably sorted by expert, dropped slots (-1) last: the order of
     group_by_expert's sorted_slots (its first N), without the sorted keys. dropped: whether any slot is -1."""
-    key = _key(topk_ids.reshape(-1), num_experts, dropped)  # [S]
-    if key.device.type == "cpu" and key.dtype == torch.int16:
-        return torch.from_numpy(np.argsort(key.numpy(), kind="stable"))  # [S] int64
-    return torch.sort(key, stable=True)[1]
+    return _order(_key(topk_ids.reshape(-1), num_experts, dropped))  # [S]
 
 
 SMALL_SLOTS = 64  # up to this many CPU slots (decode) the "argsort" plan is built in Python from one .tolist()
+
+
+def _py_counts(flat: list[int], num_experts: int) -> list[int]:
+    """Kept slots per expert [E] of the ids flat [S] (Python ints), checked to lie in [-1, E-1]."""
+    if flat and (max(flat) >= num_experts or min(flat) < -1):
+        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{min(flat)}, {max(flat)}]")
+    counts = [0] * num_experts
+    for e in flat:
+        if e >= 0:
+            counts[e] += 1
+    return counts
 
 
 def _small_plan(topk_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
@@ -93,13 +108,7 @@ def _small_plan(topk_ids: torch.Tensor, num_experts: int) -> DispatchPlan:
     costs (a few µs each, more with cold caches between two layers' GEMMs) are most of a decode plan's time."""
     T, K = topk_ids.shape
     flat = topk_ids.reshape(-1).tolist()  # [S] ints
-    lo, hi = min(flat), max(flat)
-    if hi >= num_experts or lo < -1:
-        raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{lo}, {hi}]")
-    counts = [0] * num_experts
-    for e in flat:
-        if e >= 0:
-            counts[e] += 1
+    counts = _py_counts(flat, num_experts)
     offsets = [0] * (num_experts + 1)
     for e in range(num_experts):
         offsets[e + 1] = offsets[e] + counts[e]
@@ -141,13 +150,7 @@ def slot_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[list[int], bo
     _check_ids(topk_ids)
     if topk_ids.device.type == "cpu" and topk_ids.numel() <= SMALL_SLOTS:
         flat = topk_ids.reshape(-1).tolist()
-        if flat and (max(flat) >= num_experts or min(flat) < -1):
-            raise ValueError(f"topk_ids values must be in [-1, {num_experts - 1}], got [{min(flat)}, {max(flat)}]")
-        rows = [0] * num_experts
-        for e in flat:
-            if e >= 0:
-                rows[e] += 1
-        return rows, -1 in flat
+        return _py_counts(flat, num_experts), -1 in flat
     dropping, _, counts = _counts(topk_ids.reshape(-1).long(), num_experts)
     return counts.tolist(), dropping
 
