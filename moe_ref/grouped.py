@@ -236,6 +236,12 @@ def padded_chunk(rows: PaddedRows, d_model: int, d_ff: int, element_size: int) -
     return E if fit >= E else 1 << (max(fit, 1).bit_length() - 1)
 
 
+def padded_chunks(rows: PaddedRows, d_model: int, d_ff: int, element_size: int) -> list[tuple[int, int]]:
+    """padded_ffn's chunks [(e0, e1)]: experts e0 .. e1-1 at a time, padded_chunk of them (the last one fewer)."""
+    g = padded_chunk(rows, d_model, d_ff, element_size)
+    return [(e0, min(rows.experts, e0 + g)) for e0 in range(0, rows.experts, g)]
+
+
 def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch.Tensor,
                src: torch.Tensor | None = None) -> torch.Tensor:
     """The batched path's GEMMs alone: buf [E*C, D] (the rows of the padded layout) -> [E*C, D] as torch.bmm,
@@ -246,10 +252,8 @@ def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch
     src [E*C]: buf is x [T, D] instead, and padded row i is x[src[i]], gathered chunk by chunk just before its
     GEMMs (the grouped strategy's way: the gathered rows are still in cache when the first bmm reads them)."""
     E, C, F, D = rows.experts, rows.capacity, w2.shape[2], w2.shape[1]
-    g = padded_chunk(rows, D, F, buf.element_size())
     out = buf.new_empty(E * C, D)  # [E*C, D]
-    for e0 in range(0, E, g):
-        e1 = min(E, e0 + g)
+    for e0, e1 in padded_chunks(rows, D, F, buf.element_size()):
         lo, hi = e0 * C, e1 * C  # the chunk's padded rows
         xb = buf[lo:hi] if src is None else buf.index_select(0, src[lo:hi])  # [e*C, D]
         h = torch.bmm(xb.view(e1 - e0, C, -1), w13[e0:e1].transpose(1, 2))  # [e, C, 2F]: gate | up

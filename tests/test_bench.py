@@ -542,3 +542,75 @@ def test_graph_replayer_captures_once_per_inputs_and_replays(monkeypatch):
     x2 = torch.ones(5, 4)
     run(x2, r)
     assert log == ["eager", "eager", "capture", "eager", "replay"]  # other inputs: a new capture
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batched", [True, False])
+def test_grouped_parts_are_the_strategys_own_work(dtype, batched):
+    """What the bench times as grouped's parts outside the bound is what the strategy itself does: its gather gives
+    the rows the GEMMs read, its combine the strategy's very output (the same bits), its plan the plan of that way."""
+    import moe_ref
+    from helpers import make_case
+    from moe_ref import grouped
+    from moe_ref.bench.cpu import PARTS, grouped_parts
+
+    layer, x = make_case(40, 32, 16, 6, 2, seed=3)
+    low = moe_ref.MoELayer(layer.cfg, dtype=dtype)
+    low.load_state_dict(layer.state_dict())
+    fast = 0.01 if batched else 100.0  # prepack's fake timing: the padded bmm wins, or never does
+    moe_ref.prepack(low.w13, low.w2, measure=lambda fns, rounds: {
+        k: fast if k == "batched" else 1.0 if k == "packed" else 2.0 for k in fns})
+    xd, r = x.to(dtype), layer.route(x)
+    with torch.inference_mode():
+        parts = grouped_parts(xd, r, low.w13, low.w2)
+        assert list(parts) == [f"grouped:{p}" for p in PARTS]
+        steps = grouped.grouped_steps(xd, r, low.w13, low.w2)
+        path = grouped.ffn_path(steps.xs, steps.plan.offsets.tolist(), low.w13, low.w2, steps.xs)
+        assert (path == "batched") == batched, path
+        plan, rows = parts["grouped:plan"](), parts["grouped:gather"]()
+        if batched:  # padded rows, chunk by chunk: each expert's block at e*C, padding rows repeat token 0
+            assert isinstance(plan, grouped.PaddedPlan)
+            assert torch.equal(torch.cat(rows), xd.index_select(0, plan.src))
+            assert torch.equal(torch.cat(rows).index_select(0, plan.rows.dest), steps.xs)
+        else:  # the permute
+            assert torch.equal(plan.token_ids, steps.plan.token_ids)
+            assert torch.equal(rows, steps.xs)
+        assert torch.equal(parts["grouped:combine"](), GROUPED_Y(xd, r, low.w13, low.w2))
+
+
+def GROUPED_Y(x, r, w13, w2):
+    from moe_ref.strategy import get_strategy
+    return get_strategy("grouped")(x, r, w13, w2).y
+
+
+def test_cpu_bench_times_grouped_parts_where_the_bound_target_applies(monkeypatch, capsys):
+    """At T >= PARTS_MIN_TOKENS the bench times grouped's plan, gather and combine alone: rows part_of grouped,
+    their ratios and floor (1 + their sum) in the bound target; a part's own spread leaves the case trusted; the
+    chart draws no part."""
+    from moe_ref.bench import cpu
+    from moe_ref.plots import plot_bench_cpu
+
+    def clock(fn, threads):
+        name = fn.__name__
+        ts = {"run": [1.0] * 3, "plan_part": [0.01, 0.02, 0.05], "gather": [0.02] * 3, "combine": [0.03] * 3}
+        it = iter(ts.get(name, [1.05] * 3))  # the bound is a closure named run; grouped a lambda
+        return lambda: next(it)
+    monkeypatch.setattr(cpu, "PARTS_MIN_TOKENS", 3)
+    rows = cpu.bench_cpu(TINY, [2, 3], ["fp32"], strategies=("grouped",), peers=(), reps=3, progress_bar=False,
+                         clock=clock)
+    parts = {(r["tokens"], r["provider"]): r for r in rows if r.get("part_of")}
+    assert set(parts) == {(3, "grouped:plan"), (3, "grouped:gather"), (3, "grouped:combine")}  # not at T=2
+    assert all(r["part_of"] == "grouped" and "weights" not in r for r in parts.values())
+    assert "spread" in parts[(3, "grouped:plan")]["warning"]  # 0.01, 0.02, 0.05: IQR 0.02 over a median of 0.02
+    assert parts[(3, "grouped:gather")]["ratio_to_bound"] == pytest.approx(0.02)
+    (bound,) = [t for t in cpu.cpu_targets(rows, min_tokens=3) if "bound" in t["target"]]
+    assert bound["trusted"] and bound["met"] and bound["value"] == pytest.approx(1.05)
+    assert set(bound["parts"]) == set(cpu.PARTS) and bound["parts"]["plan"] == pytest.approx(0.02)
+    assert bound["floor"] == pytest.approx(1.0 + sum(bound["parts"].values()))
+    cpu.print_table(rows, [bound])
+    out = capsys.readouterr().out
+    assert "outside the bound, each part alone: plan 0.02x + gather 0.02x + combine 0.03x, so at least 1.07x" in out
+    fig = plot_bench_cpu({"rows": rows, "threads": 1, "machine": {"device": "cpu: fake", "torch": "x",
+                                                                  "date": "2026-12-06"}})
+    labels = {t.get_text() for ax in fig.axes for t in (ax.get_legend().get_texts() if ax.get_legend() else [])}
+    assert not any(":" in label for label in labels), labels

@@ -23,7 +23,7 @@ def plot_bench_cpu(result: dict) -> Figure:
     (faster than its own bound, or a wide spread) is circled in red and named in the legend. The dotted line
     at 1.10 is the grouped strategy's target at T >= 1024.
     """
-    rows = [r for r in result["rows"] if r.get("status", "ok") == "ok"]
+    rows = [r for r in result["rows"] if r.get("status", "ok") == "ok" and not r.get("part_of")]  # no parts
     panels = sorted({(r["shape"], r["dtype"]) for r in rows})
     cols = min(len(panels), 2) or 1
     fig = Figure(figsize=(6.0 * cols, 4.0 * -(-len(panels) // cols)), layout="constrained")
