@@ -229,15 +229,39 @@ def test_cpu_bench_marks_untrusted_rows_with_a_fake_clock(tmp_path, capsys):
     assert "its own bound" in by["loop"]["warning"] and "spread" in by["grouped"]["warning"]
     targets = cpu.cpu_targets(rows, min_tokens=1)
     assert targets == [dict(shape="tiny", dtype="fp32", tokens=3, trusted=False, met=False, value=2.0, limit=1.10,
-                            target="grouped <= 1.10x the GEMM-only bound at T >= 1")]
+                            target="grouped <= 1.10x the GEMM-only bound at T >= 1", ci=[1.0, 3.0], coverage=0.75)]
     cpu.print_table(rows, targets)
     out = capsys.readouterr().out
     assert "! 0.50x its own bound" in out and "MISSED" in out and "(untrusted case)" in out
+    assert "[75 % interval 1.00-3.00x; the limit lies inside it: within this run's noise]" in out
+    assert "targets: 0 of 1 met; 1 verdict(s) within this run's noise" in out
     assert "can't be trusted" in out.splitlines()[-1]
     fig = plot_bench_cpu({"rows": rows, "threads": 1, "machine": {"device": "cpu: fake", "torch": "x",
                                                                   "date": "2026-12-02"}})
     assert "untrusted" in fig.axes[0].get_title()
     fig.savefig(tmp_path / "c.png")
+
+
+def test_median_ci_is_two_order_statistics_with_their_binomial_coverage():
+    lo, hi, cov = timing.median_ci([float(v) for v in range(15, 0, -1)])  # any order
+    assert (lo, hi) == (4.0, 12.0) and cov == pytest.approx(1 - 2 * 576 / 2**15)  # P(B <= 3) = 576 / 2^15
+    assert timing.median_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[:2] == (1.0, 6.0)  # n = 6: the range, 96.9 %
+    assert timing.median_ci([1.0, 2.0, 3.0])[2] == 0.75  # too few rounds for 95 %: the range, and it says so
+    assert timing.median_ci([2.0]) == (2.0, 2.0, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        timing.median_ci([])
+    with pytest.raises(ValueError, match="confidence"):
+        timing.median_ci([1.0], confidence=1.0)
+    rng = __import__("random").Random(7)  # it covers the true median (1.0 for a log-normal) as often as it says
+    hits = sum(lo <= 1.0 <= hi for lo, hi, _ in (timing.median_ci([rng.lognormvariate(0, 0.3) for _ in range(15)])
+                                                 for _ in range(2000)))
+    assert 0.94 <= hits / 2000 <= 0.99
+
+
+def test_paired_ratio_ci_reads_the_rounds():
+    a, b = dict(median_s=2.0, times_s=[2.0, 3.0, 4.0, 2.0, 1.0, 6.0]), dict(median_s=1.0, times_s=[1.0] * 6)
+    assert timing.paired_ratio_ci(a, b)[:2] == (1.0, 6.0)
+    assert timing.paired_ratio_ci(dict(median_s=2.0), b) is None  # no rounds kept
 
 
 def test_cpu_targets_compare_grouped_with_the_best_peer():

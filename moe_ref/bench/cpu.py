@@ -39,7 +39,7 @@ from ..permute import combine_slots
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
-from .timing import BUSY, distrust, paired_ratio, progress, time_cpu
+from .timing import BUSY, distrust, paired_ratio, paired_ratio_ci, progress, time_cpu
 
 __all__ = ["bench_cpu", "gemm_only", "grouped_parts", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
            "BATCHED_MM_BYTES", "PLAIN", "PARTS", "PARTS_MIN_TOKENS"]
@@ -228,7 +228,9 @@ def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1
     A bound entry of a case with part rows (grouped_parts) also holds parts {part: ratio to the bound} and floor,
     1 + their sum: the bound plus the work it leaves out, each part timed alone (a lower estimate).
     trusted: no provider row of the case carries a warning (the part rows' own spreads do not count).
-    """
+    ci [lo, hi] and coverage: the distribution-free interval of the paired ratio (timing.paired_ratio_ci: two order
+    statistics of the per-round ratios, 95 % from 6 rounds on), where the rows kept their rounds; a limit inside it
+    is within the noise of the run: the verdict could go either way on a rerun."""
     ok = {(r["shape"], r["dtype"], r["tokens"], r["provider"]): r for r in rows if r.get("status") == "ok"}
     out = []
     for (sh, dt, T, prov), r in sorted(ok.items()):
@@ -239,7 +241,8 @@ def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1
             if (s2, d2, t2) == (sh, dt, T) and not v.get("part_of")))
         if T >= min_tokens:
             entry = dict(case, target=f"grouped <= {bound_limit:.2f}x the GEMM-only bound at T >= {min_tokens}",
-                         value=r["ratio_to_bound"], limit=bound_limit, met=bool(r["ratio_to_bound"] <= bound_limit))
+                         value=r["ratio_to_bound"], limit=bound_limit, met=bool(r["ratio_to_bound"] <= bound_limit),
+                         **_interval(r, ok.get((sh, dt, T, BOUND))))
             parts = {p.split(":", 1)[1]: v["ratio_to_bound"] for (s2, d2, t2, p), v in ok.items()
                      if (s2, d2, t2) == (sh, dt, T) and v.get("part_of") == "grouped"}
             if parts:  # what the bound leaves out, each part timed alone: the strategy cannot go below this
@@ -251,8 +254,15 @@ def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1
             best = min(peers, key=peers.get)
             value = paired_ratio(_timing(r), _timing(ok[(sh, dt, T, best)]))
             out.append(dict(case, target="grouped <= 1.0x the best transformers experts implementation",
-                            value=value, limit=1.0, peer=best, met=bool(value <= 1.0)))
+                            value=value, limit=1.0, peer=best, met=bool(value <= 1.0),
+                            **_interval(r, ok[(sh, dt, T, best)])))
     return out
+
+
+def _interval(row: dict, base: dict | None) -> dict:
+    """{ci: [lo, hi], coverage} of row's paired ratio to base (timing.paired_ratio_ci), or {} without rounds."""
+    ci = paired_ratio_ci(_timing(row), _timing(base)) if base is not None else None
+    return {} if ci is None else dict(ci=[ci[0], ci[1]], coverage=ci[2])
 
 
 def _timing(row: dict) -> dict:
@@ -285,9 +295,17 @@ def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
         mark = "met   " if t["met"] else "MISSED"
         peer = f" ({t['peer']})" if t.get("peer") else ""
         note = "" if t["trusted"] else "  (untrusted case)"
+        if t.get("ci"):
+            lo, hi = t["ci"]
+            noise = "; the limit lies inside it: within this run's noise" if lo <= t["limit"] <= hi else ""
+            note = f"  [{100 * t['coverage']:.0f} % interval {lo:.2f}-{hi:.2f}x{noise}]" + note
         floor = ("; outside the bound, each part alone: " + " + ".join(f"{p} {v:.2f}x" for p, v in t["parts"].items())
                  + f", so at least {t['floor']:.2f}x") if t.get("parts") else ""
         print(f"{mark} {t['target']}: {t['shape']} {t['dtype']} T={t['tokens']}: {t['value']:.2f}x{peer}{floor}{note}")
+    if targets:
+        close = sum(1 for t in targets if t.get("ci") and t["ci"][0] <= t["limit"] <= t["ci"][1])
+        print(f"targets: {sum(t['met'] for t in targets)} of {len(targets)} met; {close} verdict(s) within this run's "
+              "noise (the limit inside the interval of the paired ratio)")
     n = sum(1 for r in rows if r.get("warning"))
     if n:
         print(f"WARNING: {n} row(s) marked '!': {BUSY}")

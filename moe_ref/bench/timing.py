@@ -11,7 +11,9 @@ every callable timed once per round by torch.utils.benchmark, the rounds interle
 busy moment of the machine hits all of them alike) in an order shuffled round by round (no callable always
 inherits the caches of the same neighbour), the median and the interquartile range of each kept.
 paired_ratio(a, b) compares two of its timings round by round: the median of a's time over b's in the same
-round, so a slow phase of the machine that spans a round slows both sides of each ratio alike.
+round, so a slow phase of the machine that spans a round slows both sides of each ratio alike; paired_ratio_ci(a, b)
+gives the distribution-free 95 % interval of that median (median_ci: two order statistics of the per-round ratios),
+so that a verdict against a limit can say whether the limit lies within the machine's noise.
 distrust(timed, bound) names what cannot be trusted: a callable faster than its own bound by more than
 BEAT_BOUND (paired), or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy prints it.
 """
@@ -19,6 +21,7 @@ BEAT_BOUND (paired), or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy p
 from __future__ import annotations
 
 import gc
+import math
 import random
 import statistics
 from typing import Callable
@@ -28,7 +31,8 @@ import torch.utils.benchmark as tb
 
 from ..roofline import H200_BF16_FLOPS, H200_HBM_BPS
 
-__all__ = ["Timer", "time_cpu", "paired_ratio", "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD",
+__all__ = ["Timer", "time_cpu", "paired_ratio", "paired_ratio_ci", "median_ci", "distrust", "warn_if_busy", "BUSY",
+           "BEAT_BOUND", "WIDE_SPREAD",
            "summary", "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
@@ -154,6 +158,34 @@ def paired_ratio(a: dict, b: dict) -> float:
     if ta and tb_ and len(ta) == len(tb_) and all(t > 0 for t in tb_):
         return statistics.median(x / y for x, y in zip(ta, tb_))
     return a["median_s"] / b["median_s"]
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(lo, hi, coverage): the distribution-free interval for the median of these values, two order statistics
+    x(j) <= x(n+1-j) of the n sorted values with j the largest for which P(Binomial(n, 1/2) < j) <= (1 -
+    confidence) / 2; coverage = 1 - 2 P(Binomial(n, 1/2) < j), at least `confidence` from n = 6 (at 0.95). Below
+    that no such j exists and the interval is the whole range (min, max) with its own, lower coverage. Assumes
+    only that the values are independent draws of one distribution: no normality (timings are skewed)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    xs = sorted(values)
+    below = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(B = i)
+    j, tail = 1, below[0]  # j: the 1-based order statistic; tail: P(B < j)
+    while j + 1 <= (n + 1) // 2 and tail + below[j] <= (1 - confidence) / 2:
+        tail += below[j]
+        j += 1
+    return xs[j - 1], xs[n - j], 1 - 2 * tail
+
+
+def paired_ratio_ci(a: dict, b: dict, confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """median_ci of the per-round ratios a_i / b_i behind paired_ratio(a, b); None without per-round times."""
+    ta, tb_ = a.get("times_s"), b.get("times_s")
+    if not (ta and tb_ and len(ta) == len(tb_) and all(t > 0 for t in tb_)):
+        return None
+    return median_ci([x / y for x, y in zip(ta, tb_)], confidence)
 
 
 def distrust(timed: dict[str, dict], bound: str | None = None) -> dict[str, str]:
