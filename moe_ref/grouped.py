@@ -265,13 +265,15 @@ def padded_ffn(buf: torch.Tensor, rows: PaddedRows, w13: torch.Tensor, w2: torch
 
 def padded_gemms(xs: torch.Tensor, bounds: list[int], sizes: list[int], w13: torch.Tensor, w2: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
-    """ffn_rows's batched path on grouped rows: the blocks of xs [N, D] copied into a zeroed [E*C, D] (padded_rows),
-    padded_ffn, and each row's output written back to out [N, D] in grouped order (out may be xs: xs is read in
-    full first). The grouped strategy itself skips both copies (batched_moe)."""
+    """ffn_rows's batched path on grouped rows: padded_ffn gathering its padded rows from xs [N, D] (expert e's block
+    at rows e*C .., padded_rows; padding rows repeat grouped row 0), then each row's output written back to out
+    [N, D] in grouped order (out may be xs: xs is read in full first). The grouped strategy gathers from x instead
+    (batched_moe): each chunk's rows are gathered into a new tensor in both, so every bmm reads the same values at
+    the same alignment and gives the same bits (a bmm on a view at another offset of a bigger buffer may not)."""
     rows = padded_rows(bounds, sizes)
-    buf = xs.new_zeros(rows.experts * rows.capacity, xs.shape[1])  # [E*C, D]
-    buf.index_copy_(0, rows.dest, xs)
-    return torch.index_select(padded_ffn(buf, rows, w13, w2), 0, rows.dest, out=out)  # [N, D]
+    src = torch.zeros(rows.experts * rows.capacity, dtype=torch.long, device=xs.device)  # [E*C] grouped row of each
+    src[rows.dest.to(xs.device)] = torch.arange(bounds[-1], device=xs.device)
+    return torch.index_select(padded_ffn(xs, rows, w13, w2, src=src), 0, rows.dest.to(xs.device), out=out)  # [N, D]
 
 
 class PaddedPlan(NamedTuple):

@@ -330,6 +330,7 @@ def test_a_small_batch_runs_as_one_padded_bmm_per_weight_where_that_was_timed_fa
 @example(cfg=(33, 16, 8, 8, 2, True, 3), dtype=torch.float32, drop=0.5, seed=1, chunk=1)  # dropped, one expert a chunk
 @example(cfg=(64, 33, 22, 16, 16, False, 5), dtype=torch.bfloat16, drop=1.0, seed=2, chunk=None)  # K=E, all dropped
 @example(cfg=(64, 16, 8, 16, 4, False, 7), dtype=torch.bfloat16, drop=0.1, seed=3, chunk=3000)  # uneven chunks
+@example(cfg=(2, 33, 8, 2, 1, False, 2), dtype=torch.float32, drop=0.0, seed=0, chunk=1)  # odd D: chunk alignment
 def test_grouped_batched_path_skips_the_grouped_rows_for_the_same_bits(cfg, dtype, drop, seed, chunk):
     """Where ffn_rows takes the padded bmm, the grouped strategy gathers x straight into padded rows and combines
     straight out of them (batched_moe): the same bits as the steps through xs and ys, and the reference, whatever
