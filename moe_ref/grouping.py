@@ -11,6 +11,7 @@ Both give the same plan: within an expert, slots stay in token order.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -187,14 +188,30 @@ def row_plan(topk_ids: torch.Tensor, num_experts: int, rows: list[int], dropped:
     (the grouped strategy's forward keeps its counts as Python ints and reads no rank)."""
     T, K = topk_ids.shape
     if topk_ids.device.type == "cpu" and 0 < T * K <= SMALL_SLOTS:
-        plan = _small_plan(topk_ids, num_experts)
-        return RowPlan(plan.token_ids, plan.inverse)
+        return _small_rows(topk_ids)
     N, dev = sum(rows), topk_ids.device
     slots = slot_order(topk_ids, num_experts, dropped)[:N]  # [N] the slot of each grouped row
     slot_rows = (torch.full((T * K,), -1, dtype=torch.long, device=dev) if dropped
                  else torch.empty(T * K, dtype=torch.long, device=dev))
     slot_rows.scatter_(0, slots, torch.arange(N, device=dev))
     return RowPlan(slot_tokens(slots, K), slot_rows)
+
+
+def _small_rows(topk_ids: torch.Tensor) -> RowPlan:
+    """row_plan of a few CPU slots (ids already checked), in Python as _small_plan builds its plan, but only the two
+    tensors a forward reads (each new tensor costs a few µs at decode: ~12 µs against ~40 µs for the whole plan)."""
+    K = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).tolist()  # [S] ints
+    sorted_slots = sorted((s for s, e in enumerate(flat) if e >= 0), key=flat.__getitem__)  # stable: token order
+    inverse = [-1] * len(flat)
+    for row, s in enumerate(sorted_slots):
+        inverse[s] = row
+    return RowPlan(_longs([s // K for s in sorted_slots]), _longs(inverse))
+
+
+def _longs(values: list[int]) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of these ints through an array buffer (~2 µs, against ~4 µs for torch.tensor)."""
+    return torch.frombuffer(array.array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
 
 
 def _plan(flat, T, K, num_experts, method, dropping, valid, counts) -> DispatchPlan:

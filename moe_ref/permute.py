@@ -44,7 +44,7 @@ def unpermute(ys: torch.Tensor, plan: DispatchPlan, topk_weights: torch.Tensor,
         raise ValueError(f"topk_weights must be [T, K] = [{T}, {K}], got {tuple(topk_weights.shape)}")
     dropped = N < T * K
     index = plan.inverse  # [S] row of ys of each slot, -1 where dropped
-    if rows is not None:
+    if rows is not None and N:  # N = 0: every slot dropped, index is all -1 already (and rows has nothing to read)
         index = (torch.where(index >= 0, rows.index_select(0, index.clamp(min=0)), -1) if dropped
                  else rows.index_select(0, index))
     return combine_slots(ys, index, topk_weights, dropped=dropped)
