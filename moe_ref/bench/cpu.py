@@ -265,6 +265,11 @@ def _interval(row: dict, base: dict | None) -> dict:
     return {} if ci is None else dict(ci=[ci[0], ci[1]], coverage=ci[2])
 
 
+def _within_noise(target: dict) -> bool:
+    """Whether a cpu_targets entry's limit lies inside the interval of its ratio (the verdict could flip)."""
+    return bool(target.get("ci")) and target["ci"][0] <= target["limit"] <= target["ci"][1]
+
+
 def _timing(row: dict) -> dict:
     """A row as timing.paired_ratio reads it (per-round times where the row kept them)."""
     return dict(median_s=row["seconds"], times_s=row.get("times_s"))
@@ -297,13 +302,13 @@ def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
         note = "" if t["trusted"] else "  (untrusted case)"
         if t.get("ci"):
             lo, hi = t["ci"]
-            noise = "; the limit lies inside it: within this run's noise" if lo <= t["limit"] <= hi else ""
+            noise = "; the limit lies inside it: within this run's noise" if _within_noise(t) else ""
             note = f"  [{100 * t['coverage']:.0f} % interval {lo:.2f}-{hi:.2f}x{noise}]" + note
         floor = ("; outside the bound, each part alone: " + " + ".join(f"{p} {v:.2f}x" for p, v in t["parts"].items())
                  + f", so at least {t['floor']:.2f}x") if t.get("parts") else ""
         print(f"{mark} {t['target']}: {t['shape']} {t['dtype']} T={t['tokens']}: {t['value']:.2f}x{peer}{floor}{note}")
     if targets:
-        close = sum(1 for t in targets if t.get("ci") and t["ci"][0] <= t["limit"] <= t["ci"][1])
+        close = sum(map(_within_noise, targets))
         print(f"targets: {sum(t['met'] for t in targets)} of {len(targets)} met; {close} verdict(s) within this run's "
               "noise (the limit inside the interval of the paired ratio)")
     n = sum(1 for r in rows if r.get("warning"))
