@@ -229,17 +229,70 @@ def test_cpu_bench_marks_untrusted_rows_with_a_fake_clock(tmp_path, capsys):
     assert "its own bound" in by["loop"]["warning"] and "spread" in by["grouped"]["warning"]
     targets = cpu.cpu_targets(rows, min_tokens=1)
     assert targets == [dict(shape="tiny", dtype="fp32", tokens=3, trusted=False, met=False, value=2.0, limit=1.10,
-                            target="grouped <= 1.10x the GEMM-only bound at T >= 1", ci=[1.0, 3.0], coverage=0.75)]
+                            target="grouped <= 1.10x the GEMM-only bound at T >= 1", ci=[1.0, 3.0], coverage=0.75,
+                            rounds=3)]
     cpu.print_table(rows, targets)
     out = capsys.readouterr().out
     assert "! 0.50x its own bound" in out and "MISSED" in out and "(untrusted case)" in out
-    assert "[75 % interval 1.00-3.00x; the limit lies inside it: within this run's noise]" in out
+    assert "[75 % interval 1.00-3.00x over 3 rounds; the limit lies inside it: within this run's noise]" in out
     assert "targets: 0 of 1 met; 1 verdict(s) within this run's noise" in out
     assert "can't be trusted" in out.splitlines()[-1]
     fig = plot_bench_cpu({"rows": rows, "threads": 1, "machine": {"device": "cpu: fake", "torch": "x",
                                                                   "date": "2026-12-02"}})
     assert "untrusted" in fig.axes[0].get_title()
     fig.savefig(tmp_path / "c.png")
+
+
+def _ratio_clock(grouped: list[float]):
+    """clock for bench_cpu: the bound (a closure named run) takes 1 s a call, the grouped strategy (the one lambda,
+    no peers, no plain weights) the listed seconds in turn across time_cpu calls, the parts 0.01 s; calls counted."""
+    seconds = iter(grouped)
+
+    def clock(fn, threads):
+        name = fn.__name__
+        clock.calls[name] = clock.calls.get(name, 0) + 1
+        return lambda: 1.0 if name == "run" else next(seconds) if name == "<lambda>" else 0.01
+
+    clock.calls = {}
+    return clock
+
+
+@pytest.mark.parametrize("first, confirmed", [
+    ([1.0, 1.05, 1.08, 1.12, 1.2, 1.06, 1.09], True),  # 1.10 inside [1.00, 1.20] after 7 rounds: 24 more are timed
+    ([1.0, 1.05, 1.08, 1.04, 1.02, 1.06, 1.09], False),  # [1.00, 1.09]: the verdict stands, nothing more is timed
+])
+def test_cpu_bench_times_more_rounds_of_a_verdict_within_noise(first, confirmed, capsys):
+    from moe_ref.bench import cpu
+
+    clock = _ratio_clock(first + [1.05] * cpu.CONFIRM_ROUNDS)
+    rows = cpu.bench_cpu(TINY, [1024], ["fp32"], strategies=("grouped",), peers=(), reps=7, progress_bar=False,
+                         clock=clock, prepack=False)
+    by = {r["provider"]: r for r in rows}
+    n = 7 + cpu.CONFIRM_ROUNDS * confirmed
+    assert by["grouped"]["rounds"] == by["gemm_only"]["rounds"] == len(by["grouped"]["times_s"]) == n
+    assert all(by[f"grouped:{p}"]["rounds"] == 7 for p in cpu.PARTS)  # only the verdict's two sides again
+    assert clock.calls == {"run": 1 + confirmed, "<lambda>": 1 + confirmed, "plan_part": 1, "gather": 1,
+                           "combine": 1}
+    [t] = cpu.cpu_targets(rows)
+    assert t["rounds"] == n and t["met"] and not cpu._within_noise(t)
+    assert t["ci"] == ([1.05, 1.05] if confirmed else [1.0, 1.09])  # the 10th and 22nd of 31 sorted ratios
+    cpu.print_table(rows, [t])
+    assert f"interval {t['ci'][0]:.2f}-{t['ci'][1]:.2f}x over {n} rounds]" in capsys.readouterr().out
+    none = cpu.bench_cpu(TINY, [1024], ["fp32"], strategies=("grouped",), peers=(), reps=7, progress_bar=False,
+                         clock=_ratio_clock(first), prepack=False, confirm=0)
+    assert {r["rounds"] for r in none} == {7}
+
+
+def test_extend_appends_rounds_and_pairs_the_shared_ones():
+    a = timing.time_cpu({"f": _named("f")}, rounds=3, warmup=0, clock=_fake_clock({"f": [3.0, 1.0, 2.0]}))["f"]
+    more = dict(median_s=5.0, iqr_s=0.0, times_s=[5.0, 4.0], threads=a["threads"])
+    both = timing.extend(a, more)
+    assert both["times_s"] == [3.0, 1.0, 2.0, 5.0, 4.0] and both["median_s"] == 3.0 and both["iqr_s"] == 2.0
+    bound = dict(median_s=1.0, times_s=[1.0, 1.0, 2.0])  # timed in the first three rounds only
+    assert timing.paired_ratio(both, bound) == 1.0  # the ratios 3, 1, 1 of the rounds both were in
+    assert timing.paired_ratio_ci(both, bound)[:2] == (1.0, 3.0)
+    with pytest.raises(ValueError, match="thread count"):
+        timing.extend(a, dict(more, threads=a["threads"] + 1))
 
 
 def test_median_ci_is_two_order_statistics_with_their_binomial_coverage():

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..strategy import strategy_names
-from .cpu import CPU_PEERS, CPU_STRATEGIES, bench_cpu, cpu_targets, print_table
+from .cpu import CONFIRM_ROUNDS, CPU_PEERS, CPU_STRATEGIES, bench_cpu, cpu_targets, print_table
 from .malloc import ALLOCATOR_MODES, allocator, keep_freed_memory
 from .providers import GPU_PROVIDERS
 from .report import device_info, have_matplotlib, print_summary, write_charts, write_json
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--peers", nargs="*", default=list(CPU_PEERS), choices=list(CPU_PEERS),
                    help="transformers' experts implementations timed beside ours (none: --peers)")
     c.add_argument("--reps", type=int, default=7, help="timed rounds per case (providers interleaved)")
+    c.add_argument("--confirm", type=int, default=CONFIRM_ROUNDS,
+                   help="more rounds of the two sides of a target verdict whose limit lies inside the interval of "
+                        "its ratio (0: none)")
     c.add_argument("--threads", type=int, default=None,
                    help="torch threads, pinned for the run (default: torch's own choice, recorded)")
     c.add_argument("--malloc", default="keep", choices=ALLOCATOR_MODES,
@@ -127,6 +130,9 @@ def cpu_main(args) -> int:
     if args.reps < 1:
         print(f"--reps must be >= 1, got {args.reps}")
         return 2
+    if args.confirm < 0:
+        print(f"--confirm must be >= 0, got {args.confirm}")
+        return 2
     if args.threads is not None and args.threads < 1:
         print(f"--threads must be >= 1, got {args.threads}")
         return 2
@@ -138,15 +144,16 @@ def cpu_main(args) -> int:
     threads = args.threads or torch.get_num_threads()
     shapes = [SHAPES[s] for s in args.shapes]
     print(f"bench cpu: {threads} torch threads (pinned), "
-          f"{args.reps} interleaved rounds per case; allocator: {alloc}")
+          f"{args.reps} interleaved rounds per case (and {args.confirm} more of a verdict within their noise); "
+          f"allocator: {alloc}")
     rows = bench_cpu(shapes, args.tokens, args.dtypes, args.strategies, args.peers, args.reps, threads,
-                     not args.no_progress, prepack=not args.plain)
+                     not args.no_progress, prepack=not args.plain, confirm=args.confirm)
     targets = cpu_targets(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = dict(device_info("cpu"), torch_threads=threads, allocator=alloc)
     result = {"kind": "cpu", "machine": machine, "threads": threads, "shapes": [asdict(s) for s in shapes],
-              "reps": args.reps, "prepack": not args.plain, "rows": rows, "targets": targets}
+              "reps": args.reps, "confirm": args.confirm, "prepack": not args.plain, "rows": rows, "targets": targets}
     (out / "cpu.json").write_text(json.dumps(result, indent=2))
     print_table(rows, targets)
     if have_matplotlib():

@@ -39,10 +39,10 @@ from ..permute import combine_slots
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
-from .timing import BUSY, distrust, paired_ratio, paired_ratio_ci, progress, time_cpu
+from .timing import BUSY, distrust, extend, paired_ratio, paired_ratio_ci, progress, time_cpu
 
 __all__ = ["bench_cpu", "gemm_only", "grouped_parts", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
-           "BATCHED_MM_BYTES", "PLAIN", "PARTS", "PARTS_MIN_TOKENS"]
+           "BATCHED_MM_BYTES", "PLAIN", "PARTS", "PARTS_MIN_TOKENS", "CONFIRM_ROUNDS"]
 
 CPU_STRATEGIES = ("loop", "grouped", "grouped_mm")
 CPU_PEERS = ("hf_eager", "hf_grouped_mm", "hf_batched_mm")
@@ -51,6 +51,7 @@ BOUND = "gemm_only"
 PLAIN = "grouped_plain"  # the grouped strategy on the plain (unpacked) weights, timed when the layer is packed
 PARTS = ("plan", "gather", "combine")  # grouped_parts: rows "grouped:plan", ... (part_of "grouped")
 PARTS_MIN_TOKENS = 1024  # the parts are timed from this T on: where cpu_targets's bound target applies
+CONFIRM_ROUNDS = 24  # bench_cpu's extra rounds for a verdict within the noise of its first rounds
 
 
 def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
@@ -157,7 +158,8 @@ def _providers(layer: MoELayer, x: torch.Tensor, r, strategies, peers, shape: Sh
 
 
 def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU_PEERS, reps: int = 7,
-              threads: int | None = None, progress_bar: bool = True, clock=None, prepack: bool = True) -> list[dict]:
+              threads: int | None = None, progress_bar: bool = True, clock=None, prepack: bool = True,
+              confirm: int = CONFIRM_ROUNDS) -> list[dict]:
     """Rows {shape, dtype, tokens, provider, status, seconds (median), iqr_s, ratio_to_bound, threads, times_s,
     weights, warning?}. ratio_to_bound is paired (timing.paired_ratio: the median of the per-round ratios);
     times_s the per-round seconds; weights "packed" where the provider's GEMMs run by the prepacked layer's choice
@@ -166,6 +168,10 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     bound, grouped and grouped_plain hold path: the way grouped.ffn_rows ran their expert GEMMs (grouped.ffn_path).
     At T >= PARTS_MIN_TOKENS the rows "grouped:plan", "grouped:gather" and "grouped:combine" (part_of "grouped", no
     weights) time grouped's work outside the bound, each part alone (grouped_parts), in the same rounds.
+    confirm: where a target's limit lies inside the interval of the case's paired ratio after `reps` rounds
+    (cpu_targets), `confirm` more interleaved rounds of grouped and the other side of that ratio (the bound, or the
+    peer) are timed and appended (timing.extend; 0: none). rounds: how many rounds a row holds. Such a verdict has
+    had two looks at the data, so its interval covers a little less than its stated coverage.
 
     shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
     pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
@@ -192,30 +198,44 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             paths = _paths(layer, counts, fns)
             parts = (grouped_parts(x, r, layer.w13, layer.w2) if "grouped" in fns and T >= PARTS_MIN_TOKENS
                      else {})
-            times = time_cpu({BOUND: gemm_only(x, counts, layer.w13, layer.w2), **fns, **parts}, rounds=reps,
-                             threads=threads, clock=clock)
-        # a part is meant to take less than the bound: only its spread can make it untrusted
-        flags = {**distrust({n: t for n, t in times.items() if n not in parts}, BOUND),
-                 **distrust({n: t for n, t in times.items() if n in parts})}
-        base = dict(shape=sh.name, dtype=dt_name, tokens=T)
-        packed = {BOUND, "grouped"} if layer.prepacked else set()
-        for name, t in times.items():
-            row = dict(base, provider=name, status="ok", seconds=t["median_s"], iqr_s=t["iqr_s"],
-                       ratio_to_bound=paired_ratio(t, times[BOUND]), threads=t["threads"], times_s=t["times_s"],
-                       weights="packed" if name in packed else "plain")
-            if name == BOUND and methods:
-                row["gemm_methods"] = methods
-            if name in paths:
-                row["path"] = paths[name]
-            if name in parts:  # no weights of its own: a part of the grouped strategy's forward
-                del row["weights"]
-                row["part_of"] = "grouped"
-            if name in flags:
-                row["warning"] = flags[name]
-            rows.append(row)
+            timed = {BOUND: gemm_only(x, counts, layer.w13, layer.w2), **fns, **parts}
+            times = time_cpu(timed, rounds=reps, threads=threads, clock=clock)
+            base = dict(shape=sh.name, dtype=dt_name, tokens=T)
+            packed = {BOUND, "grouped"} if layer.prepacked else set()
+            case = _case_rows(base, times, parts, paths, methods, packed)
+            close = [t for t in cpu_targets(case) if _within_noise(t)] if confirm else []
+            if close:  # the limit inside a verdict's interval: more rounds of its two sides narrow it
+                names = sorted({"grouped"} | {t.get("peer", BOUND) for t in close})
+                more = time_cpu({n: timed[n] for n in names}, rounds=confirm, threads=threads, clock=clock)
+                times = {n: extend(t, more[n]) if n in more else t for n, t in times.items()}
+                case = _case_rows(base, times, parts, paths, methods, packed)
+        rows += case
         rows += [dict(base, provider=p, status="skipped", reason=why) for p, why in skipped.items()]
         bar.update(1)
     bar.close()
+    return rows
+
+
+def _case_rows(base: dict, times: dict, parts: dict, paths: dict, methods: dict, packed: set) -> list[dict]:
+    """bench_cpu's rows of one case from its timings (time_cpu, maybe extended): one row per provider and part."""
+    # a part is meant to take less than the bound: only its spread can make it untrusted
+    flags = {**distrust({n: t for n, t in times.items() if n not in parts}, BOUND),
+             **distrust({n: t for n, t in times.items() if n in parts})}
+    rows = []
+    for name, t in times.items():
+        row = dict(base, provider=name, status="ok", seconds=t["median_s"], iqr_s=t["iqr_s"],
+                   ratio_to_bound=paired_ratio(t, times[BOUND]), threads=t["threads"], rounds=len(t["times_s"]),
+                   times_s=t["times_s"], weights="packed" if name in packed else "plain")
+        if name == BOUND and methods:
+            row["gemm_methods"] = methods
+        if name in paths:
+            row["path"] = paths[name]
+        if name in parts:  # no weights of its own: a part of the grouped strategy's forward
+            del row["weights"]
+            row["part_of"] = "grouped"
+        if name in flags:
+            row["warning"] = flags[name]
+        rows.append(row)
     return rows
 
 
@@ -229,8 +249,9 @@ def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1
     1 + their sum: the bound plus the work it leaves out, each part timed alone (a lower estimate).
     trusted: no provider row of the case carries a warning (the part rows' own spreads do not count).
     ci [lo, hi] and coverage: the distribution-free interval of the paired ratio (timing.paired_ratio_ci: two order
-    statistics of the per-round ratios, 95 % from 6 rounds on), where the rows kept their rounds; a limit inside it
-    is within the noise of the run: the verdict could go either way on a rerun."""
+    statistics of the per-round ratios, 95 % from 6 rounds on) and rounds, how many rounds it pairs, where the rows
+    kept their rounds; a limit inside it is within the noise of the run: the verdict could go either way on a
+    rerun."""
     ok = {(r["shape"], r["dtype"], r["tokens"], r["provider"]): r for r in rows if r.get("status") == "ok"}
     out = []
     for (sh, dt, T, prov), r in sorted(ok.items()):
@@ -260,9 +281,12 @@ def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1
 
 
 def _interval(row: dict, base: dict | None) -> dict:
-    """{ci: [lo, hi], coverage} of row's paired ratio to base (timing.paired_ratio_ci), or {} without rounds."""
+    """{ci: [lo, hi], coverage, rounds} of row's paired ratio to base (timing.paired_ratio_ci; rounds: how many
+    it pairs), or {} without rounds."""
     ci = paired_ratio_ci(_timing(row), _timing(base)) if base is not None else None
-    return {} if ci is None else dict(ci=[ci[0], ci[1]], coverage=ci[2])
+    if ci is None:
+        return {}
+    return dict(ci=[ci[0], ci[1]], coverage=ci[2], rounds=min(len(row["times_s"]), len(base["times_s"])))
 
 
 def _within_noise(target: dict) -> bool:
@@ -303,7 +327,8 @@ def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
         if t.get("ci"):
             lo, hi = t["ci"]
             noise = "; the limit lies inside it: within this run's noise" if _within_noise(t) else ""
-            note = f"  [{100 * t['coverage']:.0f} % interval {lo:.2f}-{hi:.2f}x{noise}]" + note
+            over = f" over {t['rounds']} rounds" if t.get("rounds") else ""
+            note = f"  [{100 * t['coverage']:.0f} % interval {lo:.2f}-{hi:.2f}x{over}{noise}]" + note
         floor = ("; outside the bound, each part alone: " + " + ".join(f"{p} {v:.2f}x" for p, v in t["parts"].items())
                  + f", so at least {t['floor']:.2f}x") if t.get("parts") else ""
         print(f"{mark} {t['target']}: {t['shape']} {t['dtype']} T={t['tokens']}: {t['value']:.2f}x{peer}{floor}{note}")

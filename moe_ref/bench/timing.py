@@ -13,7 +13,9 @@ inherits the caches of the same neighbour), the median and the interquartile ran
 paired_ratio(a, b) compares two of its timings round by round: the median of a's time over b's in the same
 round, so a slow phase of the machine that spans a round slows both sides of each ratio alike; paired_ratio_ci(a, b)
 gives the distribution-free 95 % interval of that median (median_ci: two order statistics of the per-round ratios),
-so that a verdict against a limit can say whether the limit lies within the machine's noise.
+so that a verdict against a limit can say whether the limit lies within the machine's noise; extend(timing, more)
+appends the rounds of a later time_cpu call (more rounds of a few callables where a verdict needs them), and two
+timings pair the rounds they share.
 distrust(timed, bound) names what cannot be trusted: a callable faster than its own bound by more than
 BEAT_BOUND (paired), or a spread (IQR / median) over WIDE_SPREAD; warn_if_busy prints it.
 """
@@ -31,8 +33,8 @@ import torch.utils.benchmark as tb
 
 from ..roofline import H200_BF16_FLOPS, H200_HBM_BPS
 
-__all__ = ["Timer", "time_cpu", "paired_ratio", "paired_ratio_ci", "median_ci", "distrust", "warn_if_busy", "BUSY",
-           "BEAT_BOUND", "WIDE_SPREAD",
+__all__ = ["Timer", "time_cpu", "extend", "paired_ratio", "paired_ratio_ci", "median_ci", "distrust", "warn_if_busy",
+           "BUSY", "BEAT_BOUND", "WIDE_SPREAD",
            "summary", "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
@@ -141,23 +143,46 @@ def time_cpu(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int 
                 times[n].append(clocks[n]())
     finally:
         torch.set_num_threads(before)
-    out = {}
-    for n, ts in times.items():
-        s = sorted(ts)
-        out[n] = dict(median_s=statistics.median(s), iqr_s=_quantile(s, 0.75) - _quantile(s, 0.25), times_s=ts,
-                      threads=threads)
-    return out
+    return {n: _stats(ts, threads) for n, ts in times.items()}
+
+
+def _paired(a: dict, b: dict) -> list[float] | None:
+    """The per-round ratios a_i / b_i over the rounds both timings were in, or None without per-round times.
+
+    time_cpu's round i is one round for every callable timed in it, and extend only appends later rounds (to some
+    callables of a run): so two timings of one run share their first min(len) rounds, which are the ones paired."""
+    ta, tb_ = a.get("times_s"), b.get("times_s")
+    if not (ta and tb_):
+        return None
+    n = min(len(ta), len(tb_))
+    if not all(t > 0 for t in tb_[:n]):
+        return None
+    return [x / y for x, y in zip(ta[:n], tb_[:n])]
 
 
 def paired_ratio(a: dict, b: dict) -> float:
-    """a over b for two timings of one time_cpu run: the median of the per-round ratios a_i / b_i.
+    """a over b for two timings of one time_cpu run: the median of the per-round ratios a_i / b_i, over the rounds
+    both were timed in (where extend gave one of them more).
 
-    Timings without per-round times (or with different round counts) fall back to the ratio of the medians.
+    Timings without per-round times fall back to the ratio of the medians.
     """
-    ta, tb_ = a.get("times_s"), b.get("times_s")
-    if ta and tb_ and len(ta) == len(tb_) and all(t > 0 for t in tb_):
-        return statistics.median(x / y for x, y in zip(ta, tb_))
-    return a["median_s"] / b["median_s"]
+    ratios = _paired(a, b)
+    return statistics.median(ratios) if ratios else a["median_s"] / b["median_s"]
+
+
+def extend(timing: dict, more: dict) -> dict:
+    """One time_cpu timing with the rounds of a later time_cpu call of the same callable appended (the bench's
+    confirming rounds): times_s joined, the median and IQR taken over all of them."""
+    if timing.get("threads") != more.get("threads"):
+        raise ValueError(f"extend joins rounds run with the same thread count, got {timing.get('threads')} and "
+                         f"{more.get('threads')}")
+    return _stats(list(timing["times_s"]) + list(more["times_s"]), timing["threads"])
+
+
+def _stats(ts: list[float], threads: int) -> dict:
+    s = sorted(ts)
+    return dict(median_s=statistics.median(s), iqr_s=_quantile(s, 0.75) - _quantile(s, 0.25), times_s=ts,
+                threads=threads)
 
 
 def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -182,10 +207,8 @@ def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, flo
 
 def paired_ratio_ci(a: dict, b: dict, confidence: float = 0.95) -> tuple[float, float, float] | None:
     """median_ci of the per-round ratios a_i / b_i behind paired_ratio(a, b); None without per-round times."""
-    ta, tb_ = a.get("times_s"), b.get("times_s")
-    if not (ta and tb_ and len(ta) == len(tb_) and all(t > 0 for t in tb_)):
-        return None
-    return median_ci([x / y for x, y in zip(ta, tb_)], confidence)
+    ratios = _paired(a, b)
+    return None if not ratios else median_ci(ratios, confidence)
 
 
 def distrust(timed: dict[str, dict], bound: str | None = None) -> dict[str, str]:
