@@ -283,6 +283,27 @@ def test_cpu_bench_times_more_rounds_of_a_verdict_within_noise(first, confirmed,
     assert {r["rounds"] for r in none} == {7}
 
 
+def test_cpu_bench_confirms_a_peer_verdict_with_every_peer(monkeypatch):
+    """More rounds may make another peer the best: each peer gets them, so the verdict pairs all of its rounds."""
+    from moe_ref.bench import cpu
+
+    seconds = {"run": [1.0] * 7, "grouped": [1.0] * 31, "hf_eager": [1.05] * 31,
+               "hf_grouped_mm": [0.9, 1.2, 0.95, 1.1, 0.98, 1.03, 1.01] + [1.2] * 24}
+    its = {n: iter(ts) for n, ts in seconds.items()}  # the bound (run) has no more than its 7 rounds
+
+    def clock(fn, threads):
+        return lambda: next(its[fn.__name__])
+
+    fns = {n: _named(n) for n in ("grouped", "hf_eager", "hf_grouped_mm")}
+    monkeypatch.setattr(cpu, "_providers", lambda *a: (dict(fns), {}))
+    rows = cpu.bench_cpu(TINY, [3], ["fp32"], strategies=("grouped",), peers=("hf_eager", "hf_grouped_mm"), reps=7,
+                         progress_bar=False, clock=clock, prepack=False)
+    by = {r["provider"]: r for r in rows}
+    assert {n: by[n]["rounds"] for n in by} == {"gemm_only": 7, "grouped": 31, "hf_eager": 31, "hf_grouped_mm": 31}
+    [t] = cpu.cpu_targets(rows)  # after 7 rounds hf_grouped_mm was the best, with 1.0 inside [0.83, 1.11]
+    assert t["peer"] == "hf_eager" and t["rounds"] == 31 and t["met"] and not cpu._within_noise(t)
+
+
 def test_extend_appends_rounds_and_pairs_the_shared_ones():
     a = timing.time_cpu({"f": _named("f")}, rounds=3, warmup=0, clock=_fake_clock({"f": [3.0, 1.0, 2.0]}))["f"]
     more = dict(median_s=5.0, iqr_s=0.0, times_s=[5.0, 4.0], threads=a["threads"])

@@ -169,9 +169,10 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     At T >= PARTS_MIN_TOKENS the rows "grouped:plan", "grouped:gather" and "grouped:combine" (part_of "grouped", no
     weights) time grouped's work outside the bound, each part alone (grouped_parts), in the same rounds.
     confirm: where a target's limit lies inside the interval of the case's paired ratio after `reps` rounds
-    (cpu_targets), `confirm` more interleaved rounds of grouped and the other side of that ratio (the bound, or the
-    peer) are timed and appended (timing.extend; 0: none). rounds: how many rounds a row holds. Such a verdict has
-    had two looks at the data, so its interval covers a little less than its stated coverage.
+    (cpu_targets), `confirm` more interleaved rounds of grouped and the other side of that ratio (the bound, or
+    every transformers peer: which one is the best may change) are timed and appended (timing.extend; 0: none).
+    rounds: how many rounds a row holds. Such a verdict has had two looks at the data, so its interval covers a
+    little less than its stated coverage.
 
     shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
     pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
@@ -205,7 +206,9 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             case = _case_rows(base, times, parts, paths, methods, packed)
             close = [t for t in cpu_targets(case) if _within_noise(t)] if confirm else []
             if close:  # the limit inside a verdict's interval: more rounds of its two sides narrow it
-                names = sorted({"grouped"} | {t.get("peer", BOUND) for t in close})
+                # every peer, not just the best: more rounds may make another one the best, and it needs them too
+                peers_too = {n for n in timed if n.startswith("hf_")} if any("peer" in t for t in close) else set()
+                names = sorted({"grouped"} | {BOUND for t in close if "peer" not in t} | peers_too)
                 more = time_cpu({n: timed[n] for n in names}, rounds=confirm, threads=threads, clock=clock)
                 times = {n: extend(t, more[n]) if n in more else t for n, t in times.items()}
                 case = _case_rows(base, times, parts, paths, methods, packed)
