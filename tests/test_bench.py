@@ -276,6 +276,10 @@ def test_cpu_bench_times_more_rounds_of_a_verdict_within_noise(first, confirmed,
     [t] = cpu.cpu_targets(rows)
     assert t["rounds"] == n and t["met"] and not cpu._within_noise(t)
     assert t["ci"] == ([1.05, 1.05] if confirmed else [1.0, 1.09])  # the 10th and 22nd of 31 sorted ratios
+    c7, c31 = timing.median_ci([0.0] * 7)[2], timing.median_ci([0.0] * 31)[2]  # 98.4 %, 97.1 %
+    # two looks: the first interval or the last may miss the median, so their shortfalls add up (95.5 %)
+    assert t["coverage"] == (pytest.approx(c31 - (1 - c7)) if confirmed else c7)
+    assert by["grouped"].get("first_rounds") == (7 if confirmed else None)
     cpu.print_table(rows, [t])
     assert f"interval {t['ci'][0]:.2f}-{t['ci'][1]:.2f}x over {n} rounds]" in capsys.readouterr().out
     none = cpu.bench_cpu(TINY, [1024], ["fp32"], strategies=("grouped",), peers=(), reps=7, progress_bar=False,

@@ -39,7 +39,7 @@ from ..permute import combine_slots
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
-from .timing import BUSY, distrust, extend, paired_ratio, paired_ratio_ci, progress, time_cpu
+from .timing import BUSY, distrust, extend, median_ci, paired_ratio, paired_ratio_ci, progress, time_cpu
 
 __all__ = ["bench_cpu", "gemm_only", "grouped_parts", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
            "BATCHED_MM_BYTES", "PLAIN", "PARTS", "PARTS_MIN_TOKENS", "CONFIRM_ROUNDS"]
@@ -171,8 +171,8 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     confirm: where a target's limit lies inside the interval of the case's paired ratio after `reps` rounds
     (cpu_targets), `confirm` more interleaved rounds of grouped and the other side of that ratio (the bound, or
     every transformers peer: which one is the best may change) are timed and appended (timing.extend; 0: none).
-    rounds: how many rounds a row holds. Such a verdict has had two looks at the data, so its interval covers a
-    little less than its stated coverage.
+    rounds: how many rounds a row holds, first_rounds (on a row with more): `reps`. Such a verdict has had two looks
+    at the data; cpu_targets gives its interval the coverage that allows for both.
 
     shapes: a Shape or a list of them. status "ok" or "skipped" (with `reason`). threads: torch's thread count,
     pinned for every case (default: the current one). clock: see timing.time_cpu (tests pass a fake one).
@@ -211,7 +211,7 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
                 names = sorted({"grouped"} | {BOUND for t in close if "peer" not in t} | peers_too)
                 more = time_cpu({n: timed[n] for n in names}, rounds=confirm, threads=threads, clock=clock)
                 times = {n: extend(t, more[n]) if n in more else t for n, t in times.items()}
-                case = _case_rows(base, times, parts, paths, methods, packed)
+                case = _case_rows(base, times, parts, paths, methods, packed, first=reps)
         rows += case
         rows += [dict(base, provider=p, status="skipped", reason=why) for p, why in skipped.items()]
         bar.update(1)
@@ -219,8 +219,10 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     return rows
 
 
-def _case_rows(base: dict, times: dict, parts: dict, paths: dict, methods: dict, packed: set) -> list[dict]:
-    """bench_cpu's rows of one case from its timings (time_cpu, maybe extended): one row per provider and part."""
+def _case_rows(base: dict, times: dict, parts: dict, paths: dict, methods: dict, packed: set,
+               first: int | None = None) -> list[dict]:
+    """bench_cpu's rows of one case from its timings (time_cpu, maybe extended): one row per provider and part;
+    first: the rounds timed before the extension, kept as first_rounds on each row that has more."""
     # a part is meant to take less than the bound: only its spread can make it untrusted
     flags = {**distrust({n: t for n, t in times.items() if n not in parts}, BOUND),
              **distrust({n: t for n, t in times.items() if n in parts})}
@@ -229,6 +231,8 @@ def _case_rows(base: dict, times: dict, parts: dict, paths: dict, methods: dict,
         row = dict(base, provider=name, status="ok", seconds=t["median_s"], iqr_s=t["iqr_s"],
                    ratio_to_bound=paired_ratio(t, times[BOUND]), threads=t["threads"], rounds=len(t["times_s"]),
                    times_s=t["times_s"], weights="packed" if name in packed else "plain")
+        if first is not None and len(t["times_s"]) > first:
+            row["first_rounds"] = first
         if name == BOUND and methods:
             row["gemm_methods"] = methods
         if name in paths:
@@ -253,8 +257,10 @@ def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1
     trusted: no provider row of the case carries a warning (the part rows' own spreads do not count).
     ci [lo, hi] and coverage: the distribution-free interval of the paired ratio (timing.paired_ratio_ci: two order
     statistics of the per-round ratios, 95 % from 6 rounds on) and rounds, how many rounds it pairs, where the rows
-    kept their rounds; a limit inside it is within the noise of the run: the verdict could go either way on a
-    rerun."""
+    kept their rounds. Where bench_cpu timed more rounds because the first ones left the verdict within noise, the
+    interval is the one over all of them, and its coverage is lowered by what the first look's interval could miss
+    (either look's interval may miss the median: at least 1 - (1 - c_first) - (1 - c_all), 95.5 % for 7 + 24); a
+    limit inside it is within the noise of the run: the verdict could go either way on a rerun."""
     ok = {(r["shape"], r["dtype"], r["tokens"], r["provider"]): r for r in rows if r.get("status") == "ok"}
     out = []
     for (sh, dt, T, prov), r in sorted(ok.items()):
@@ -289,7 +295,11 @@ def _interval(row: dict, base: dict | None) -> dict:
     ci = paired_ratio_ci(_timing(row), _timing(base)) if base is not None else None
     if ci is None:
         return {}
-    return dict(ci=[ci[0], ci[1]], coverage=ci[2], rounds=min(len(row["times_s"]), len(base["times_s"])))
+    n, first = min(len(row["times_s"]), len(base["times_s"])), row.get("first_rounds", base.get("first_rounds"))
+    coverage = ci[2]
+    if first is not None and n > first:  # looked at after `first` rounds, then after n: either interval may miss
+        coverage -= 1 - median_ci([0.0] * first)[2]
+    return dict(ci=[ci[0], ci[1]], coverage=coverage, rounds=n)
 
 
 def _within_noise(target: dict) -> bool:
