@@ -8,6 +8,7 @@ rows are left out of the lines, so a partial sweep still draws.
 from __future__ import annotations
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 __all__ = ["plot_bench_cpu", "plot_bench_gpu_times", "plot_bench_gpu_ratios", "plot_bench_gpu_roofline",
            "plot_tuning"]
@@ -20,8 +21,9 @@ def plot_bench_cpu(result: dict) -> Figure:
     """Time / the GEMM-only bound against T, one panel per (shape, dtype), one line per provider.
 
     Error bars: each provider's interquartile range over the bound's median. A row that could not be trusted
-    (faster than its own bound, or a wide spread) is circled in red and named in the legend. The dotted line
-    at 1.10 is the grouped strategy's target at T >= 1024.
+    (faster than its own bound, or a wide spread) is circled in red, and its panel's title says so. The dotted line
+    at 1.10 is the grouped strategy's target at T >= 1024. One legend for all panels, below them (a legend inside a
+    panel hid the lines it crossed).
     """
     rows = [r for r in result["rows"] if r.get("status", "ok") == "ok" and not r.get("part_of")]  # no parts
     panels = sorted({(r["shape"], r["dtype"]) for r in rows})
@@ -30,6 +32,7 @@ def plot_bench_cpu(result: dict) -> Figure:
     axes = list(fig.subplots(-(-len(panels) // cols), cols, squeeze=False).ravel())
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    legend, any_untrusted = {}, False  # label -> handle, the first panel's of each provider
     for ax, (sh, dt) in zip(axes, panels):
         sel = [r for r in rows if (r["shape"], r["dtype"]) == (sh, dt)]
         bound = {r["tokens"]: r["seconds"] for r in sel if r["provider"] == "gemm_only"}
@@ -42,25 +45,33 @@ def plot_bench_cpu(result: dict) -> Figure:
             color, marker = PROVIDER_STYLE.get(prov, (None, "o"))
             if prov == "gemm_only":
                 color, marker = "#000000", ""
-            ax.errorbar(Ts, ys, yerr=err, label=prov, color=color, marker=marker, ms=4, capsize=2, lw=1.2)
+            legend.setdefault(prov, ax.errorbar(Ts, ys, yerr=err, label=prov, color=color, marker=marker, ms=4,
+                                                capsize=2, lw=1.2))
             bad = [(r["tokens"], r["ratio_to_bound"]) for r in pr if r.get("warning")]
             if bad:
                 untrusted = True
                 ax.scatter(*zip(*bad), s=120, facecolors="none", edgecolors="red", lw=1.5, zorder=5)
-        ax.axhline(1.10, color="#888888", ls=":", lw=1)
+        target = ax.axhline(1.10, color="#888888", ls=":", lw=1)
         top = YMAX if max(r["ratio_to_bound"] for r in sel) > YMAX else None
         if top:  # keep the interesting range readable: name what lies above it
             off = sorted({r["provider"] for r in sel if r["ratio_to_bound"] > YMAX})
             worst = max(r["ratio_to_bound"] for r in sel)
             ax.set_ylim(0.5, top)
             ax.text(0.02, 0.97, f"off scale: {', '.join(off)} (up to {worst:.0f}x)", transform=ax.transAxes,
-                    va="top", fontsize=7, color="#555555")
+                    va="top", fontsize=7, color="#555555", bbox=dict(fc="white", ec="none", alpha=0.85, pad=1))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens T")
         ax.set_ylabel("time / GEMM-only bound")
         ax.set_title(f"{sh}, {dt}" + ("  (red circles: untrusted)" if untrusted else ""), fontsize=9,
                      color="red" if untrusted else "black")
-        ax.legend(fontsize=7)
+        any_untrusted |= untrusted
+    if panels:
+        legend["1.10x: grouped's target at T >= 1024"] = target
+        if any_untrusted:
+            legend["untrusted: the machine looked busy"] = Line2D([], [], ls="", marker="o", ms=9, mfc="none",
+                                                                  mec="red", mew=1.5)
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(5, len(legend)),
+                   fontsize=8, frameon=False)
     m = result["machine"]
     threads = result.get("threads", m.get("torch_threads"))
     fig.suptitle(f"{m['device']}, {threads} torch threads, torch {m['torch']}, {m['date'][:10]}", fontsize=9)
