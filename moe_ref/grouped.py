@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .cpu_gemm import GROUPED_MM_DTYPES, SPLIT_ROWS, chunks_for, column_chunks, expert_mm, grouped_mm_fn, plain_chunks
-from .grouping import DispatchPlan, _ints, group_by_expert, row_plan, slot_counts, slot_order
+from .grouping import DispatchPlan, RowPlan, _ints, group_by_expert, row_plan, slot_counts, slot_order
 from .packing import packed_for
 from .permute import combine_slots, permute, unpermute
 from .reference import check_weights, swiglu
@@ -302,16 +302,43 @@ def padded_plan(topk_ids: torch.Tensor, sizes: list[int], dropped: bool) -> Padd
 
 
 def batched_moe(x: torch.Tensor, topk_ids: torch.Tensor, sizes: list[int], dropped: bool,
-                topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+                topk_weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                plan: PaddedPlan | None = None) -> torch.Tensor:
     """The grouped strategy where ffn_rows would take its batched path, without the grouped rows [N, D]: x [T, D]
     gathered straight into padded rows (chunk by chunk, by padded_ffn), and the combine reading each kept slot's
     output from its padded row (padded_plan). Against permute + padded_gemms + unpermute it never writes or reads
     back grouped rows [N, D], on the way in or out, for the same bits: each kept row meets the same GEMMs in the
     same buffer, and the combine sums the same products in the same order. sizes [E], dropped: from
-    grouping.slot_counts of topk_ids [T, K]. Returns y [T, D]."""
-    plan = padded_plan(topk_ids, sizes, dropped)
+    grouping.slot_counts of topk_ids [T, K]; plan: their padded_plan where the caller has it already. Returns
+    y [T, D]."""
+    plan = padded_plan(topk_ids, sizes, dropped) if plan is None else plan
     ys = padded_ffn(x, plan.rows, w13, w2, src=plan.src)  # [E*C, D]
     return combine_slots(ys, plan.slot_rows, topk_weights, dropped=dropped)
+
+
+class ForwardPlan(NamedTuple):
+    """What the grouped strategy's forward (outside autograd) decides and builds before it copies a row."""
+
+    path: str  # ffn_rows's way (one of FFN_PATHS)
+    sizes: list[int]  # [E] rows per expert
+    bounds: list[int]  # [E+1] each expert's block of grouped rows
+    dropped: bool  # whether any slot is dropped
+    xs: torch.Tensor | None  # [N, D] the grouped rows' buffer, still empty (None on the batched path: no xs)
+    plan: RowPlan | PaddedPlan  # padded_plan on the batched path, row_plan on every other
+
+
+def forward_plan(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> ForwardPlan:
+    """The grouped strategy's plan of a forward on x [T, D] and topk_ids [T, K] (checked ids): the slot counts
+    first (the padded path needs no grouped-order plan), ffn_rows's way decided on the layout of the [N, D] buffer
+    the rows will be permuted into, then the plan that way reads."""
+    E = w13.shape[0]
+    counts, dropped = slot_counts(topk_ids, E)  # [E]
+    bounds = [0, *itertools.accumulate(counts)]  # [E+1]
+    xs = x.new_empty(bounds[-1], x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
+    path, sizes = _decide(xs, bounds, w13, w2, xs)
+    if path == "batched":  # x straight into the padded rows and the combine straight out of them: no xs
+        return ForwardPlan(path, sizes, bounds, dropped, None, padded_plan(topk_ids, sizes, dropped))
+    return ForwardPlan(path, sizes, bounds, dropped, xs, row_plan(topk_ids, E, counts, dropped))
 
 
 def _warn_threads(packed) -> None:
@@ -460,20 +487,15 @@ def grouped_moe(x: torch.Tensor, r: Routing, w13: torch.Tensor, w2: torch.Tensor
         plan = group_by_expert(r.topk_ids, w13.shape[0])
         ys = grouped_ffn(permute(x, plan), plan, w13, w2)  # [N, D], out of place
         return StrategyResult(unpermute(ys, plan, r.topk_weights), computed_rows=plan.num_rows)
-    counts, dropped = slot_counts(r.topk_ids, w13.shape[0])  # [E] the counts first: the padded path needs no plan
-    bounds = [0, *itertools.accumulate(counts)]  # [E+1]
-    xs = x.new_empty(bounds[-1], x.shape[1])  # [N, D]: ffn_rows's way is decided on its layout, then filled
-    path, sizes = _decide(xs, bounds, w13, w2, xs)
-    if path == "batched":  # x straight into the padded rows and the combine straight out of them: no xs
-        del xs
-        y = batched_moe(x, r.topk_ids, sizes, dropped, r.topk_weights, w13, w2)
-        return StrategyResult(y, computed_rows=bounds[-1])
-    plan = row_plan(r.topk_ids, w13.shape[0], counts, dropped)  # token_ids [N], slot_rows [S]: all the rest reads
-    torch.index_select(x, 0, plan.token_ids, out=xs)  # permute
+    f = forward_plan(x, r.topk_ids, w13, w2)
+    if f.path == "batched":
+        y = batched_moe(x, r.topk_ids, f.sizes, f.dropped, r.topk_weights, w13, w2, f.plan)
+        return StrategyResult(y, computed_rows=f.bounds[-1])
+    torch.index_select(x, 0, f.plan.token_ids, out=f.xs)  # permute
     # each expert's output overwrites its own input block: one [N, D] buffer, not two
-    ys = _run(path, sizes, xs, bounds, w13, w2, xs)  # [N, D]
-    y = combine_slots(ys, plan.slot_rows, r.topk_weights, dropped=dropped)  # unpermute
-    return StrategyResult(y, computed_rows=bounds[-1])
+    ys = _run(f.path, f.sizes, f.xs, f.bounds, w13, w2, f.xs)  # [N, D]
+    y = combine_slots(ys, f.plan.slot_rows, r.topk_weights, dropped=f.dropped)  # unpermute
+    return StrategyResult(y, computed_rows=f.bounds[-1])
 
 
 def _pad_to(n: int, multiple: int) -> int:

@@ -31,15 +31,14 @@ import itertools
 import torch
 
 from ..config import MoEConfig
-from ..grouped import _decide, _run, ffn_path, ffn_rows, padded_chunks, padded_ffn, padded_plan, padded_rows
-from ..grouping import row_plan, slot_counts
+from ..grouped import _run, ffn_path, ffn_rows, forward_plan, padded_chunks, padded_ffn, padded_rows
 from ..layer import MoELayer
 from ..packing import prepack_unsupported
 from ..permute import combine_slots
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
-from .timing import BUSY, distrust, extend, median_ci, paired_ratio, paired_ratio_ci, progress, time_cpu
+from .timing import BUSY, distrust, extend, median_ci_coverage, paired_ratio, paired_ratio_ci, progress, time_cpu
 
 __all__ = ["bench_cpu", "gemm_only", "grouped_parts", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
            "BATCHED_MM_BYTES", "PLAIN", "PARTS", "PARTS_MIN_TOKENS", "CONFIRM_ROUNDS"]
@@ -50,7 +49,8 @@ BATCHED_MM_BYTES = 1 << 30  # hf_batched_mm's gathered weights above this are no
 BOUND = "gemm_only"
 PLAIN = "grouped_plain"  # the grouped strategy on the plain (unpacked) weights, timed when the layer is packed
 PARTS = ("plan", "gather", "combine")  # grouped_parts: rows "grouped:plan", ... (part_of "grouped")
-PARTS_MIN_TOKENS = 1024  # the parts are timed from this T on: where cpu_targets's bound target applies
+BOUND_MIN_TOKENS = 1024  # cpu_targets's bound target applies from this T on
+PARTS_MIN_TOKENS = BOUND_MIN_TOKENS  # the parts are timed from this T on: where the bound target applies
 CONFIRM_ROUNDS = 24  # bench_cpu's extra rounds for a verdict within the noise of its first rounds
 
 
@@ -75,45 +75,37 @@ def gemm_only(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.T
 def grouped_parts(x: torch.Tensor, r, w13: torch.Tensor, w2: torch.Tensor) -> dict:
     """{"grouped:<part>": fn()} for each of PARTS: the grouped strategy's work outside the bound, each part alone,
     on this case's routing and by the way the strategy takes (grouped.grouped_moe, outside autograd):
-      plan     slot_counts, the path decision and the plan the forward reads (padded_plan on the batched path,
-               row_plan elsewhere): what the forward does before its first GEMM;
+      plan     grouped.forward_plan: slot_counts, the path decision and the plan the forward reads (padded_plan
+               on the batched path, row_plan elsewhere), what the forward does before its first copy of a row;
       gather   x's rows into the rows the GEMMs read: chunk by chunk into padded rows, as padded_ffn gathers them
                (batched path), or the permute into grouped rows [N, D] (every other path);
       combine  combine_slots out of the GEMMs' output (computed once beforehand).
     Each fn returns what its part makes (tests check it against the strategy's own). The bound is the rest. Each part
     timed alone runs with warm caches, so 1 + their ratios to the bound is a lower estimate of grouped's (in a
     forward they follow GEMMs that streamed megabytes)."""
-    E, D, F = w13.shape[0], x.shape[1], w2.shape[2]
-    sizes, dropped = slot_counts(r.topk_ids, E)
-    bounds = [0, *itertools.accumulate(sizes)]  # [E+1]
-    xs = x.new_empty(bounds[-1], D)  # [N, D]: the way is decided on the grouped rows' layout, as grouped_moe does
-    path = _decide(xs, bounds, w13, w2, xs)[0]
+    D, F = x.shape[1], w2.shape[2]
+    f = forward_plan(x, r.topk_ids, w13, w2)
+    plan = f.plan
 
     def plan_part():
-        counts, gone = slot_counts(r.topk_ids, E)
-        rows = x.new_empty(sum(counts), D)
-        way = _decide(rows, [0, *itertools.accumulate(counts)], w13, w2, rows)[0]
-        return padded_plan(r.topk_ids, counts, gone) if way == "batched" else row_plan(r.topk_ids, E, counts, gone)
+        return forward_plan(x, r.topk_ids, w13, w2).plan
 
-    if path == "batched":
-        plan = padded_plan(r.topk_ids, sizes, dropped)
+    if f.path == "batched":
         C, src = plan.rows.capacity, plan.src
         chunks = padded_chunks(plan.rows, D, F, x.element_size())
-        ys, slot_rows = padded_ffn(x, plan.rows, w13, w2, src=src), plan.slot_rows  # [E*C, D]
+        ys = padded_ffn(x, plan.rows, w13, w2, src=src)  # [E*C, D]
 
         def gather():
             return [x.index_select(0, src[e0 * C:e1 * C]) for e0, e1 in chunks]  # [e*C, D] each
     else:
-        plan = row_plan(r.topk_ids, E, sizes, dropped)
-        slot_rows = plan.slot_rows
-        torch.index_select(x, 0, plan.token_ids, out=xs)
-        ys = _run(path, sizes, xs, bounds, w13, w2, xs.clone())  # [N, D]
+        torch.index_select(x, 0, plan.token_ids, out=f.xs)
+        ys = _run(f.path, f.sizes, f.xs, f.bounds, w13, w2, f.xs.clone())  # [N, D]
 
         def gather():
-            return torch.index_select(x, 0, plan.token_ids, out=x.new_empty(bounds[-1], D))  # the permute
+            return torch.index_select(x, 0, plan.token_ids, out=x.new_empty(f.bounds[-1], D))  # the permute
 
     def combine():
-        return combine_slots(ys, slot_rows, r.topk_weights, dropped=dropped)
+        return combine_slots(ys, plan.slot_rows, r.topk_weights, dropped=f.dropped)
 
     return {"grouped:plan": plan_part, "grouped:gather": gather, "grouped:combine": combine}
 
@@ -246,7 +238,7 @@ def _case_rows(base: dict, times: dict, parts: dict, paths: dict, methods: dict,
     return rows
 
 
-def cpu_targets(rows: list[dict], min_tokens: int = 1024, bound_limit: float = 1.10) -> list[dict]:
+def cpu_targets(rows: list[dict], min_tokens: int = BOUND_MIN_TOKENS, bound_limit: float = 1.10) -> list[dict]:
     """The CPU targets on bench_cpu's rows, one entry per measured case; never "met" where not measured.
 
     - grouped <= bound_limit x the GEMM-only bound at every T >= min_tokens (each shape and dtype);
@@ -298,7 +290,7 @@ def _interval(row: dict, base: dict | None) -> dict:
     n, first = min(len(row["times_s"]), len(base["times_s"])), row.get("first_rounds", base.get("first_rounds"))
     coverage = ci[2]
     if first is not None and n > first:  # looked at after `first` rounds, then after n: either interval may miss
-        coverage -= 1 - median_ci([0.0] * first)[2]
+        coverage -= 1 - median_ci_coverage(first)
     return dict(ci=[ci[0], ci[1]], coverage=coverage, rounds=n)
 
 

@@ -33,8 +33,8 @@ import torch.utils.benchmark as tb
 
 from ..roofline import H200_BF16_FLOPS, H200_HBM_BPS
 
-__all__ = ["Timer", "time_cpu", "extend", "paired_ratio", "paired_ratio_ci", "median_ci", "distrust", "warn_if_busy",
-           "BUSY", "BEAT_BOUND", "WIDE_SPREAD",
+__all__ = ["Timer", "time_cpu", "extend", "paired_ratio", "paired_ratio_ci", "median_ci", "median_ci_coverage",
+           "distrust", "warn_if_busy", "BUSY", "BEAT_BOUND", "WIDE_SPREAD",
            "summary", "measure_limits", "progress", "resolve_device", "free_memory"]
 
 TIMER_MODES = ("auto", "do_bench", "torch")
@@ -194,15 +194,28 @@ def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, flo
     n = len(values)
     if n == 0:
         raise ValueError("median_ci needs at least one value")
+    j, coverage = _median_rank(n, confidence)
+    xs = sorted(values)
+    return xs[j - 1], xs[n - j], coverage
+
+
+def median_ci_coverage(n: int, confidence: float = 0.95) -> float:
+    """The coverage median_ci states for n values (it depends on n alone)."""
+    if n < 1:
+        raise ValueError(f"median_ci_coverage needs n >= 1, got {n}")
+    return _median_rank(n, confidence)[1]
+
+
+def _median_rank(n: int, confidence: float) -> tuple[int, float]:
+    """(j, coverage) of median_ci for n values: the 1-based order statistic and its binomial coverage."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    xs = sorted(values)
     below = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(B = i)
     j, tail = 1, below[0]  # j: the 1-based order statistic; tail: P(B < j)
     while j + 1 <= (n + 1) // 2 and tail + below[j] <= (1 - confidence) / 2:
         tail += below[j]
         j += 1
-    return xs[j - 1], xs[n - j], 1 - 2 * tail
+    return j, 1 - 2 * tail
 
 
 def paired_ratio_ci(a: dict, b: dict, confidence: float = 0.95) -> tuple[float, float, float] | None:
