@@ -530,6 +530,14 @@ def test_gpu_charts_from_synthetic_result(tmp_path):
     assert any("HBM" in ln.get_label() for ln in fig.axes[0].get_lines())
     assert any(ln.get_label().startswith("triton_graph:") for ln in fig.axes[0].get_lines())
     plt.close(fig)
+    for plot in (plot_bench_gpu_times, plot_bench_gpu_ratios, plot_bench_gpu_roofline):
+        fig = plot(res)
+        [legend] = fig.legends  # one for the figure, below the panels; none inside a panel, where it hid lines
+        assert not any(ax.get_legend() for ax in fig.axes)
+        labels = [t.get_text() for t in legend.get_texts()]
+        drawn = {ln.get_label() for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+        assert len(labels) == len(set(labels)) and set(labels) == drawn, (plot.__name__, labels, drawn)
+        plt.close(fig)
     (tmp_path / "r.json").write_text(json.dumps(res))
     assert bench.main(["plot", str(tmp_path / "r.json")]) == 0
     for name in ("gpu_times.png", "gpu_ratios.png", "gpu_roofline.png"):

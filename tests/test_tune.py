@@ -193,6 +193,12 @@ def test_written_file_is_what_get_config_uses(tmp_path, clean_tables):
 
         assert bench.main(["plot", str(out / "tuned.json"), "--out", str(tmp_path / "redraw")]) == 0
         assert (tmp_path / "redraw" / "tuned.png").read_bytes()[:4] == b"\x89PNG"
+        from moe_ref.plots import plot_tuning
+
+        fig = plot_tuning(data)
+        [legend] = fig.legends  # one below the panels, none inside one
+        assert not any(ax.get_legend() for ax in fig.axes)
+        assert [t.get_text() for t in legend.get_texts()] == ["configs tried", "default config", "kept (fastest)"]
     assert configs.load_tuned_configs(out / "tuned.json") == 1
     dev = data["machine"]["device"]
     got = mk.get_config(2, entry["E"], entry["K"], entry["D"], entry["F"], "float32", dev)

@@ -106,6 +106,18 @@ def _grid(n: int, w: float = 4.6, h: float = 3.6):
     return fig, flat[:n]
 
 
+def _figure_legend(fig: Figure, axes, ncol: int = 4) -> None:
+    """One legend for all panels, below them: each label once, from the first panel that draws it (a legend inside
+    each panel hid the lines it crossed, and repeated itself panel after panel)."""
+    entries = {}  # label -> handle
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=min(ncol, len(entries)),
+                   fontsize=7, frameon=False)
+
+
 def _title(fig: Figure, result: dict, what: str) -> None:
     m = result.get("machine", {})
     st = result.get("settings", {})
@@ -146,8 +158,7 @@ def plot_bench_gpu_times(result: dict) -> Figure:
         ax.set_xlabel("tokens T")
         ax.set_ylabel("ms (median)")
         ax.grid(True, which="both", alpha=0.3)
-        if provs:
-            ax.legend(fontsize=7)
+    _figure_legend(fig, axes)
     _title(fig, result, "MoE layer time")
     return fig
 
@@ -186,10 +197,9 @@ def plot_bench_gpu_ratios(result: dict) -> Figure:
         ax.set_xlabel("tokens T")
         ax.set_ylabel("speedup (x, > 1: triton faster)")
         ax.grid(True, which="both", alpha=0.3)
-        if sel:
-            ax.legend(fontsize=7)
-        else:
+        if not sel:
             ax.text(0.5, 0.5, "no triton results", ha="center", transform=ax.transAxes)
+    _figure_legend(fig, axes)
     shown = ", ".join(f"{v:g}x {k}" for k, v in goals.items())
     _title(fig, result, "Triton speedups" + (f" (dotted: targets {shown})" if shown else ""))
     return fig
@@ -219,7 +229,7 @@ def plot_bench_gpu_roofline(result: dict, providers=("triton", "triton_graph", "
         ax.set_xlabel("tokens T")
         ax.set_ylabel("fraction of limit")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
+    _figure_legend(fig, axes, ncol=3)
     bw = lim.get("copy_Bps")
     mm = lim.get("matmul_flops")
     what = "Roofline fractions"
@@ -264,8 +274,7 @@ def plot_tuning(result: dict) -> Figure:
         ax.set_xlabel("tokens T")
         ax.set_ylabel("ms (median)")
         ax.grid(True, which="both", alpha=0.3)
-        if ok:
-            ax.legend(fontsize=7)
+    _figure_legend(fig, axes)
     m = result.get("machine", {})
     tag = "" if result.get("complete", True) else " [PARTIAL]"
     fig.suptitle(f"fused_moe tile configs: tried vs kept\n{m.get('device', '?')} ({result.get('dtype', '?')}), "
