@@ -136,6 +136,11 @@ def test_cpu_bench_rejects_bad_counts(capsys):
     assert bench.main(["cpu", "--reps", "0"]) == 2
     assert bench.main(["cpu", "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().out
+    for command in ("cpu", "gpu", "tune"):  # a token count below 1 is refused before anything runs
+        for bad, why in (("0", "must be >= 1, got 0"), ("-5", "must be >= 1, got -5"), ("x", "must be an integer")):
+            with pytest.raises(SystemExit) as exc:
+                bench.main([command, "--tokens", "16", bad])
+            assert exc.value.code == 2 and why in capsys.readouterr().err, (command, bad)
 
 
 def _fake_clock(seconds: dict[str, list[float]]):

@@ -285,8 +285,9 @@ def test_tune_without_cuda_says_so(capsys):
 def test_cli_rejects_bad_arguments(capsys, monkeypatch):
     assert bench_main(["tune", "--device", "cpu", "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().out
-    assert bench_main(["tune", "--device", "cpu", "--tokens", "0"]) == 2
-    assert "--tokens must be >= 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # refused by the parser, as every sub-command's --tokens
+        bench_main(["tune", "--device", "cpu", "--tokens", "0"])
+    assert exc.value.code == 2 and "a token count must be >= 1, got 0" in capsys.readouterr().err
     monkeypatch.setattr(tune, "interpreter_active", lambda: False)  # as if TRITON_INTERPRET were not set
     assert bench_main(["tune", "--device", "cpu"]) == 2
     assert "TRITON_INTERPRET=1" in capsys.readouterr().out

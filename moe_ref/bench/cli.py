@@ -43,10 +43,21 @@ def _stamp(msg: str) -> None:
     print(f"[{_dt.datetime.now(_dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def token_count(text: str) -> int:
+    """An argparse type: a token count T >= 1 (T=0 times only a call's overhead, against an empty bound)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a token count must be an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a token count must be >= 1, got {n}")
+    return n
+
+
 def add_tune_arguments(p) -> None:
     """The `tune` sub-command's options (parsing them needs no triton; running does)."""
     p.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3"], choices=sorted(SHAPES))
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 4096, 16384])
+    p.add_argument("--tokens", type=token_count, nargs="+", default=[1, 16, 256, 4096, 16384])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--limit", type=int, default=8, help="configs tried per token count (the default first)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; token counts past it stay untuned")
@@ -60,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cpu", help="strategies and transformers' experts on the CPU against the GEMM-only bound")
     c.add_argument("--shapes", nargs="+", default=list(CPU_SHAPES), choices=sorted(SHAPES))
-    c.add_argument("--tokens", type=int, nargs="+", default=list(CPU_TOKENS))
+    c.add_argument("--tokens", type=token_count, nargs="+", default=list(CPU_TOKENS))
     c.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     c.add_argument("--strategies", nargs="+", default=list(CPU_STRATEGIES), choices=strategy_names())
     c.add_argument("--peers", nargs="*", default=list(CPU_PEERS), choices=list(CPU_PEERS),
@@ -82,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gpu", help="the device sweep (CUDA; --device cpu: a dry run)")
     g.add_argument("--quick", action="store_true", help="5 token counts, a shorter budget per case")
     g.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES), choices=sorted(SHAPES))
-    g.add_argument("--tokens", type=int, nargs="+", default=None, help="default: 1 4 ... 16384 (--quick: 5 of them)")
+    g.add_argument("--tokens", type=token_count, nargs="+", default=None,
+                   help="default: 1 4 ... 16384 (--quick: 5 of them)")
     g.add_argument("--providers", nargs="+", default=list(GPU_PROVIDERS))
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     g.add_argument("--skew", type=float, default=0.0, help="Zipf skew of expert popularity (0 = router as is)")
