@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the rows and metadata to this JSON file")
     a = p.parse_args(argv)
+    if a.tokens < 0:
+        p.error(f"--tokens must be >= 0, got {a.tokens}")
     layer = MoELayer(MoEConfig(d_model=a.d_model, d_ff=a.d_ff, num_experts=a.experts, top_k=a.top_k), seed=a.seed)
     x = torch.randn(a.tokens, a.d_model, generator=torch.Generator().manual_seed(a.seed + 1))  # [T, D]
     rows = capacity_quality_table(layer, x, a.capacity_factors, a.skews, drop_policy=a.drop_policy)

@@ -196,3 +196,11 @@ def test_capacity_table_cli(tmp_path, capsys):
     assert len(rows) == 2 * 2 * 2 and text.count("| drop |") == 4 and text.count("| reroute |") == 4
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and saved["meta"]["args"]["tokens"] == 40
+
+
+def test_capacity_table_cli_refuses_a_negative_token_count(capsys):
+    from moe_ref.metrics import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--tokens", "-5"])
+    assert exc.value.code == 2 and "--tokens must be >= 0, got -5" in capsys.readouterr().err
