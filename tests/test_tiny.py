@@ -201,6 +201,10 @@ def test_quality_table_names_bad_settings(model):
         tiny.quality_table([1.0], overflows=["drop"], model=model)
     with pytest.raises(ValueError, match="phases"):
         tiny.quality_table([1.0], phases=["train"], model=model)
+    with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):
+        tiny.quality_table([1.0], seq_len=0, model=model)
+    with pytest.raises(ValueError, match="num_windows must be a positive int, got 0"):
+        tiny.quality_table([1.0], batch_size=0, model=model)
 
 
 @pytest.mark.slow
@@ -249,3 +253,17 @@ def test_train_config_names_bad_values():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0.0)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["train", "--steps", "0"], "steps must be a positive int, got 0"),
+    (["train", "--seq-len", "-1"], "seq_len must be a positive int, got -1"),
+    (["quality", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["quality", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_cli_refuses_bad_settings_before_any_work(argv, why, capsys):
+    from moe_ref.tiny.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and why in capsys.readouterr().err

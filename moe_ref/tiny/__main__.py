@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--chart", help="write the quality chart to this PNG")
     a = p.parse_args(argv)
     if a.cmd == "quality":
+        for name in ("batch_size", "seq_len"):
+            if getattr(a, name) < 1:
+                p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
         return _quality(a)
     cfg = TrainConfig.smoke(a.out or tempfile.mkdtemp(prefix="tiny_moe_smoke_")) if a.smoke else TrainConfig()
     for name in ("steps", "batch_size", "seq_len", "max_minutes", "seed"):
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, name, getattr(a, name))
     if a.out:
         cfg.out_dir = a.out
-    cfg.__post_init__()
+    try:
+        cfg.__post_init__()  # the checks of the settings given
+    except ValueError as e:
+        p.error(str(e))
     log = train(cfg, progress_bar=not a.no_progress)
     print(f"steps {log['steps']}, held-out loss {log['final_heldout_loss']:.3f} nats/byte "
           f"(uniform {log['uniform_loss']:.2f}), wall {log['wall_time_s']:.0f} s -> {cfg.out_dir}")

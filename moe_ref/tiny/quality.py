@@ -99,6 +99,8 @@ def quality_table(capacity_factors=(0.5, 1.0, 1.25, 2.0), overflows=tuple(OVERFL
     bad = [p for p in phases if p not in PHASES]
     if bad:
         raise ValueError(f"phases: unknown {bad}; choose from {list(PHASES)}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     model = load_tiny_moe() if model is None else model
     ids = heldout_windows(batch_size, seq_len + 1).to(model.device)  # [B, S + 1]
     inputs, labels = ids[:, :-1], ids[:, 1:]  # [B, S]
