@@ -733,3 +733,21 @@ def test_cpu_bench_times_grouped_parts_where_the_bound_target_applies(monkeypatc
                                                                   "date": "2026-12-06"}})
     labels = {t.get_text() for lg in fig.legends for t in lg.get_texts()}
     assert "grouped" in labels and not any(label.startswith("grouped:") for label in labels), labels
+
+
+def test_plot_redraws_a_cpu_run_and_names_what_it_cannot_read(tmp_path, capsys):
+    rows = [dict(shape="tiny", dtype="fp32", tokens=T, provider=p, status="ok", seconds=s, iqr_s=0.0,
+                 ratio_to_bound=s / 1.0) for T in (1, 4) for p, s in (("gemm_only", 1.0), ("grouped", 1.05))]
+    cpu_json = tmp_path / "run" / "cpu.json"
+    cpu_json.parent.mkdir()
+    cpu_json.write_text(json.dumps({"kind": "cpu", "rows": rows, "threads": 1, "targets": [],
+                                    "machine": {"device": "cpu: fake", "torch": "x", "date": "2026-12-07"}}))
+    assert bench.main(["plot", str(cpu_json), "--out", str(tmp_path / "new" / "dir")]) == 0  # the folder is made
+    assert (tmp_path / "new" / "dir" / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+    assert "cpu.png" in capsys.readouterr().out
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "something else", "rows": []}))
+    for name, why in (("missing.json", "cannot read"), ("text.json", "cannot read"),
+                      ("other.json", "holds no result of moe_ref.bench (kind 'something else'")):
+        assert bench.main(["plot", str(tmp_path / name)]) == 2
+        assert why in capsys.readouterr().out, name

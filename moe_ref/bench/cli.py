@@ -8,7 +8,8 @@ Legend: T tokens; JSON results and PNG charts are written under --out.
   gpu    the device sweep: real MoE shapes x token counts x providers (needs CUDA unless --device cpu)
                                                                               -> gpu.json, gpu_*.png
   merge  join device results (one process per shape) into one JSON
-  plot   redraw the charts of a saved device result (gpu.json) or tuning file (tuned.json)
+  plot   redraw the charts of a saved result from its JSON: a device sweep (gpu.json), a tuning file
+         (tuned.json) or a CPU run (cpu.json)
   tune   tile configs for fused_moe on the GPU at hand                         -> tuned.json, tuned.png
 With no sub-command, `cpu` runs. Speed goals are ratios printed here, never timed tests.
 """
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="the merged file, or a folder for gpu.json (default: beside the first)")
     m.add_argument("--charts", action="store_true", help="also draw the merged result's charts")
 
-    pl = sub.add_parser("plot", help="redraw the charts of gpu.json or tuned.json")
+    pl = sub.add_parser("plot", help="redraw the charts of gpu.json, tuned.json or cpu.json")
     pl.add_argument("file", metavar="JSON")
     pl.add_argument("--out", default=None, help="folder for the PNGs (default: beside the file)")
 
@@ -280,22 +281,33 @@ def merge_main(args) -> int:
 
 
 def plot_main(args) -> int:
-    """Redraw the charts of a saved device result or tuning file (e.g. after a sweep was cut short)."""
+    """Redraw the charts of a saved result from its JSON alone: a device sweep (gpu.json, e.g. after a sweep was cut
+    short), a tuning file (tuned.json) or a CPU run (cpu.json)."""
     path = Path(args.file)
-    out = Path(args.out) if args.out else None
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        print(f"plot: cannot read {path}: {e}")
+        return 2
+    kind = result.get("kind") if isinstance(result, dict) else None
+    if kind not in ("device", "cpu", TUNED_KIND):
+        print(f"plot: {path} holds no result of moe_ref.bench (kind {kind!r}; expected a device sweep's gpu.json, "
+              "a CPU run's cpu.json or tune's tuned.json)")
+        return 2
     if not have_matplotlib():
         print("the charts need matplotlib: pip install matplotlib (or the moe_ref[notebooks] extra)")
         return 2
-    if result.get("kind") == TUNED_KIND:
-        from ..plots import plot_tuning
+    out = Path(args.out) if args.out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "device":
+        paths = write_charts(result, out)
+    else:
+        from ..plots import plot_bench_cpu, plot_tuning
 
-        dest = (out or path.parent) / (path.stem + ".png")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        plot_tuning(result).savefig(dest, dpi=120, bbox_inches="tight")
-        print(f"wrote {dest}")
-        return 0
-    for pth in write_charts(result, out or path.parent):
+        paths = [out / (path.stem + ".png")]
+        (plot_tuning if kind == TUNED_KIND else plot_bench_cpu)(result).savefig(paths[0], dpi=120,
+                                                                               bbox_inches="tight")
+    for pth in paths:
         print(f"wrote {pth}")
     return 0
 
