@@ -136,6 +136,12 @@ def test_cpu_bench_rejects_bad_counts(capsys):
     assert bench.main(["cpu", "--reps", "0"]) == 2
     assert bench.main(["cpu", "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().out
+    for argv, why in ((["gpu", "--budget-ms", "0"], "must be > 0, got 0"), (["gpu", "--cap-ms", "-5"], "must be > 0"),
+                      (["gpu", "--skew", "-1"], "must be >= 0, got -1"), (["gpu", "--skew", "nan"], "must be >= 0"),
+                      (["gpu", "--time-limit", "0"], "must be > 0"), (["tune", "--time-limit", "x"], "a number")):
+        with pytest.raises(SystemExit) as exc:  # refused by argparse, before a device is looked for
+            bench.main(argv)
+        assert exc.value.code == 2 and why in capsys.readouterr().err, argv
     for command in ("cpu", "gpu", "tune"):  # a token count below 1 is refused before anything runs
         for bad, why in (("0", "must be >= 1, got 0"), ("-5", "must be >= 1, got -5"), ("x", "must be an integer")):
             with pytest.raises(SystemExit) as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,13 +56,30 @@ def token_count(text: str) -> int:
     return n
 
 
+def _float_type(low: float, strict: bool):
+    """An argparse type: a finite float > low (strict) or >= low."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or (v <= low if strict else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return v
+    return parse
+
+
+positive = _float_type(0.0, strict=True)  # a time budget, a cap, a time limit
+non_negative = _float_type(0.0, strict=False)  # a skew
+
+
 def add_tune_arguments(p) -> None:
     """The `tune` sub-command's options (parsing them needs no triton; running does)."""
     p.add_argument("--shapes", nargs="+", default=["mixtral", "qwen3"], choices=sorted(SHAPES))
     p.add_argument("--tokens", type=token_count, nargs="+", default=[1, 16, 256, 4096, 16384])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--limit", type=int, default=8, help="configs tried per token count (the default first)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; token counts past it stay untuned")
+    p.add_argument("--time-limit", type=positive, default=None, help="seconds; token counts past it stay untuned")
     p.add_argument("--device", default="cuda", help="'cpu' runs the loop under TRITON_INTERPRET=1 (a dry run)")
     p.add_argument("--out", default="build/tune", help="folder for tuned.json")
 
@@ -98,12 +116,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: 1 4 ... 16384 (--quick: 5 of them)")
     g.add_argument("--providers", nargs="+", default=list(GPU_PROVIDERS))
     g.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    g.add_argument("--skew", type=float, default=0.0, help="Zipf skew of expert popularity (0 = router as is)")
+    g.add_argument("--skew", type=non_negative, default=0.0, help="Zipf skew of expert popularity (0 = router as is)")
     g.add_argument("--timer", default="auto", choices=TIMER_MODES)
-    g.add_argument("--budget-ms", type=float, default=None, help="measuring time per case (default 60 quick, 200)")
-    g.add_argument("--cap-ms", type=float, default=None,
+    g.add_argument("--budget-ms", type=positive, default=None, help="measuring time per case (default 60 quick, 200)")
+    g.add_argument("--cap-ms", type=positive, default=None,
                    help="skip a provider whose estimated time per call passes this (default 150 quick, 1000)")
-    g.add_argument("--time-limit", type=float, default=None, help="seconds; later cases are skipped, recorded")
+    g.add_argument("--time-limit", type=positive, default=None, help="seconds; later cases are skipped, recorded")
     g.add_argument("--device", default="cuda")
     g.add_argument("--tuned", nargs="+", default=[], metavar="JSON", help="tile-config tables (bench tune)")
     g.add_argument("--name", default="gpu", help="stem of the JSON and chart files written under --out")
