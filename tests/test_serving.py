@@ -88,3 +88,17 @@ def test_cli_needs_something_to_do():
 
     with pytest.raises(SystemExit):
         main([])
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--check", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--check", "--max-batch-tokens", "-2"], "--max-batch-tokens must be >= 1, got -2"),
+    (["--capacity-factor", "0"], "--capacity-factor must be > 0, got 0.0"),
+    (["--capacity-factor", "nan"], "--capacity-factor must be > 0, got nan"),
+])
+def test_cli_refuses_bad_settings_before_loading_the_model(argv, why, capsys):
+    from moe_ref.serving.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and why in capsys.readouterr().err

@@ -53,6 +53,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.check and args.capacity_factor is None:
         ap.error("nothing to do: pass --check and/or --capacity-factor CF")
+    for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--max-batch-tokens", args.max_batch_tokens)):
+        if v < 1:
+            ap.error(f"{flag} must be >= 1, got {v}")
+    if args.capacity_factor is not None and not args.capacity_factor > 0:
+        ap.error(f"--capacity-factor must be > 0, got {args.capacity_factor}")
 
     import torch
 
