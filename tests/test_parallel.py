@@ -344,6 +344,19 @@ def test_module_entry_point_runs_without_warnings():
     assert "--check" in res.stdout and "--preset" in res.stdout and "Warning" not in res.stderr
 
 
+@pytest.mark.parametrize("argv, why", [
+    (["--tokens", "-5"], "--tokens must be >= 0, got -5"), (["--skew", "nan"], "--skew must be >= 0, got nan"),
+    (["--timeout", "0"], "--timeout must be > 0, got 0.0"),
+    (["--capacity-factor", "-1"], "--capacity-factor must be > 0, got -1.0"),
+])
+def test_cli_refuses_bad_settings_before_any_process_group(argv, why, capsys):
+    from moe_ref.parallel.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # in this plain process: no torchrun, no group to join
+        main(argv)
+    assert exc.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_cli_helpers():
     from moe_ref.parallel.cli import PRESETS, _uneven_splits
     from moe_ref.parallel.report import fmt_bytes

@@ -95,7 +95,15 @@ def _init_group(timeout: float) -> tuple[str, torch.device]:
 
 def main(argv=None) -> int:
     """torchrun entry point (`python -m moe_ref.parallel`): EP forward vs single-process, per-rank report."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cf = args.capacity_factor
+    for rule, value, ok in (("--tokens must be >= 0", args.tokens, args.tokens >= 0),
+                            ("--skew must be >= 0", args.skew, args.skew >= 0),  # (nan fails each rule)
+                            ("--timeout must be > 0", args.timeout, args.timeout > 0),
+                            ("--capacity-factor must be > 0", cf, cf is None or cf > 0)):
+        if not ok:  # refused before any process group is set up
+            parser.error(f"{rule}, got {value}")
     backend, dev = _init_group(args.timeout)
     try:
         return _run(args, backend, dev)
