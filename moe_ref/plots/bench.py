@@ -32,7 +32,7 @@ def plot_bench_cpu(result: dict) -> Figure:
     axes = list(fig.subplots(-(-len(panels) // cols), cols, squeeze=False).ravel())
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    legend, any_untrusted = {}, False  # label -> handle, the first panel's of each provider
+    any_untrusted = False
     for ax, (sh, dt) in zip(axes, panels):
         sel = [r for r in rows if (r["shape"], r["dtype"]) == (sh, dt)]
         bound = {r["tokens"]: r["seconds"] for r in sel if r["provider"] == "gemm_only"}
@@ -45,8 +45,7 @@ def plot_bench_cpu(result: dict) -> Figure:
             color, marker = PROVIDER_STYLE.get(prov, (None, "o"))
             if prov == "gemm_only":
                 color, marker = "#000000", ""
-            legend.setdefault(prov, ax.errorbar(Ts, ys, yerr=err, label=prov, color=color, marker=marker, ms=4,
-                                                capsize=2, lw=1.2))
+            ax.errorbar(Ts, ys, yerr=err, label=prov, color=color, marker=marker, ms=4, capsize=2, lw=1.2)
             bad = [(r["tokens"], r["ratio_to_bound"]) for r in pr if r.get("warning")]
             if bad:
                 untrusted = True
@@ -66,12 +65,11 @@ def plot_bench_cpu(result: dict) -> Figure:
                      color="red" if untrusted else "black")
         any_untrusted |= untrusted
     if panels:
-        legend["1.10x: grouped's target at T >= 1024"] = target
+        extra = {"1.10x: grouped's target at T >= 1024": target}
         if any_untrusted:
-            legend["untrusted: the machine looked busy"] = Line2D([], [], ls="", marker="o", ms=9, mfc="none",
-                                                                  mec="red", mew=1.5)
-        fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(5, len(legend)),
-                   fontsize=8, frameon=False)
+            extra["untrusted: the machine looked busy"] = Line2D([], [], ls="", marker="o", ms=9, mfc="none",
+                                                                 mec="red", mew=1.5)
+        _figure_legend(fig, axes[:len(panels)], ncol=5, fontsize=8, extra=extra)
     m = result["machine"]
     threads = result.get("threads", m.get("torch_threads"))
     fig.suptitle(f"{m['device']}, {threads} torch threads, torch {m['torch']}, {m['date'][:10]}", fontsize=9)
@@ -106,16 +104,18 @@ def _grid(n: int, w: float = 4.6, h: float = 3.6):
     return fig, flat[:n]
 
 
-def _figure_legend(fig: Figure, axes, ncol: int = 4) -> None:
-    """One legend for all panels, below them: each label once, from the first panel that draws it (a legend inside
-    each panel hid the lines it crossed, and repeated itself panel after panel)."""
+def _figure_legend(fig: Figure, axes, ncol: int = 4, fontsize: int = 7, extra: dict | None = None) -> None:
+    """One legend for all panels, below them: each label once, from the first panel that draws it, then `extra`
+    ({label: handle} for what no panel labels) (a legend inside each panel hid the lines it crossed, and repeated
+    itself panel after panel)."""
     entries = {}  # label -> handle
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
+    entries.update(extra or {})
     if entries:
         fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=min(ncol, len(entries)),
-                   fontsize=7, frameon=False)
+                   fontsize=fontsize, frameon=False)
 
 
 def _title(fig: Figure, result: dict, what: str) -> None:
