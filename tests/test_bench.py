@@ -192,6 +192,32 @@ def test_time_cpu_interleaves_pins_threads_and_keeps_median_and_iqr():
             timing.time_cpu({"f": _named("f")}, **bad)
 
 
+def test_after_times_each_call_right_after_its_setup():
+    """timing.after: the default clock (torch.utils.benchmark) runs the setup untimed before each timed call, and
+    once before its two warm-up calls; called directly the callable is just fn; time_cpu's rows are the same."""
+    log = []
+
+    def setup():
+        log.append("setup")
+
+    def part():
+        log.append("part")
+        return 7
+
+    timed = timing.after(setup, part)
+    assert timed() == 7 and timed.__name__ == "part" and log == ["part"]
+    log.clear()
+    clock = timing._benchmark_clock(timed, 1)
+    assert clock() > 0
+    assert log == ["setup", "part", "part", "setup", "part"]  # warm-up pair, then the timed call right after setup
+    log.clear()
+    t = timing.time_cpu({"part": timed}, rounds=2, warmup=0, threads=1)
+    assert len(t["part"]["times_s"]) == 2 and log == ["setup", "part", "part", "setup", "part"] * 2
+    log.clear()
+    timing._benchmark_clock(part, 1)()  # a plain callable: no setup
+    assert log == ["part"] * 3
+
+
 def test_distrust_flags_beating_the_bound_and_wide_spreads(capsys):
     def t(med, iqr=0.0):
         return dict(median_s=med, iqr_s=iqr)
@@ -709,9 +735,9 @@ def GROUPED_Y(x, r, w13, w2):
 
 
 def test_cpu_bench_times_grouped_parts_where_the_bound_target_applies(monkeypatch, capsys):
-    """At T >= PARTS_MIN_TOKENS the bench times grouped's plan, gather and combine alone: rows part_of grouped,
-    their ratios and floor (1 + their sum) in the bound target; a part's own spread leaves the case trusted; the
-    chart draws no part."""
+    """At T >= PARTS_MIN_TOKENS the bench times grouped's plan, gather and combine, each right after the bound: rows
+    part_of grouped, after gemm_only, their ratios and bound_plus_parts (1 + their sum) in the bound target; a
+    part's own spread leaves the case trusted; the chart draws no part."""
     from moe_ref.bench import cpu
     from moe_ref.plots import plot_bench_cpu
 
@@ -725,16 +751,17 @@ def test_cpu_bench_times_grouped_parts_where_the_bound_target_applies(monkeypatc
                          clock=clock)
     parts = {(r["tokens"], r["provider"]): r for r in rows if r.get("part_of")}
     assert set(parts) == {(3, "grouped:plan"), (3, "grouped:gather"), (3, "grouped:combine")}  # not at T=2
-    assert all(r["part_of"] == "grouped" and "weights" not in r for r in parts.values())
+    assert all(r["part_of"] == "grouped" and r["after"] == "gemm_only" and "weights" not in r for r in parts.values())
     assert "spread" in parts[(3, "grouped:plan")]["warning"]  # 0.01, 0.02, 0.05: IQR 0.02 over a median of 0.02
     assert parts[(3, "grouped:gather")]["ratio_to_bound"] == pytest.approx(0.02)
     (bound,) = [t for t in cpu.cpu_targets(rows, min_tokens=3) if "bound" in t["target"]]
     assert bound["trusted"] and bound["met"] and bound["value"] == pytest.approx(1.05)
     assert set(bound["parts"]) == set(cpu.PARTS) and bound["parts"]["plan"] == pytest.approx(0.02)
-    assert bound["floor"] == pytest.approx(1.0 + sum(bound["parts"].values()))
+    assert bound["bound_plus_parts"] == pytest.approx(1.0 + sum(bound["parts"].values()))
     cpu.print_table(rows, [bound])
     out = capsys.readouterr().out
-    assert "outside the bound, each part alone: plan 0.02x + gather 0.02x + combine 0.03x, so at least 1.07x" in out
+    assert ("outside the bound, each part right after its GEMMs: plan 0.020x + gather 0.020x + combine 0.030x, "
+            "bound + parts 1.07x") in out
     fig = plot_bench_cpu({"rows": rows, "threads": 1, "machine": {"device": "cpu: fake", "torch": "x",
                                                                   "date": "2026-12-06"}})
     labels = {t.get_text() for lg in fig.legends for t in lg.get_texts()}

@@ -16,9 +16,11 @@ Providers, all on the same weights and the same routing:
            strategy on the plain weights beside them (what packing and the timed choice buy)
   peers    transformers' experts implementations (hf_eager, hf_grouped_mm, hf_batched_mm), where installed;
            hf_batched_mm gathers [T*K, 2F, D] weights, so it is skipped past BATCHED_MM_BYTES
-  parts    at T >= PARTS_MIN_TOKENS (where the bound target applies): grouped's plan, gather and combine, each
-           timed alone on the way grouped takes (grouped_parts): the work the bound leaves out, so about what
-           grouped's ratio to the bound cannot go below
+  parts    at T >= PARTS_MIN_TOKENS (where the bound target applies): grouped's plan, gather and combine on the way
+           grouped takes (grouped_parts), each timed right after an untimed call of the bound (timing.after), as a
+           forward meets it after GEMMs that streamed the weights: the work the bound leaves out, so that the bound
+           plus the parts accounts for grouped's time (timed warm, in a loop of themselves, each part cost from a
+           quarter to most of what it costs there)
 All providers of one (shape, dtype, T) run interleaved through timing.time_cpu with a pinned thread count;
 each row keeps the median, the IQR and the thread count, and a row that timing.distrust flags (faster than
 its own bound, or a wide spread) carries a `warning`.
@@ -38,7 +40,7 @@ from ..permute import combine_slots
 from ..strategy import get_strategy
 from .providers import hf_experts_providers
 from .shapes import DTYPES, Shape
-from .timing import BUSY, distrust, extend, median_ci_coverage, paired_ratio, paired_ratio_ci, progress, time_cpu
+from .timing import BUSY, after, distrust, extend, median_ci_coverage, paired_ratio, paired_ratio_ci, progress, time_cpu
 
 __all__ = ["bench_cpu", "gemm_only", "grouped_parts", "print_table", "cpu_targets", "CPU_STRATEGIES", "CPU_PEERS",
            "BATCHED_MM_BYTES", "PLAIN", "PARTS", "PARTS_MIN_TOKENS", "CONFIRM_ROUNDS"]
@@ -80,9 +82,9 @@ def grouped_parts(x: torch.Tensor, r, w13: torch.Tensor, w2: torch.Tensor) -> di
       gather   x's rows into the rows the GEMMs read: chunk by chunk into padded rows, as padded_ffn gathers them
                (batched path), or the permute into grouped rows [N, D] (every other path);
       combine  combine_slots out of the GEMMs' output (computed once beforehand).
-    Each fn returns what its part makes (tests check it against the strategy's own). The bound is the rest. Each part
-    timed alone runs with warm caches, so 1 + their ratios to the bound is a lower estimate of grouped's (in a
-    forward they follow GEMMs that streamed megabytes)."""
+    Each fn returns what its part makes (tests check it against the strategy's own). The bound is the rest. bench_cpu
+    times each part right after the bound (timing.after): in a forward the parts follow GEMMs that streamed the
+    weights through the caches, and timed warm, in a loop of themselves, they cost from a quarter to most of that."""
     D, F = x.shape[1], w2.shape[2]
     f = forward_plan(x, r.topk_ids, w13, w2)
     plan = f.plan
@@ -159,7 +161,8 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
     gemm_methods {"w13": {rows: method}, "w2": ...}: what prepack timed fastest per row count; the rows of the
     bound, grouped and grouped_plain hold path: the way grouped.ffn_rows ran their expert GEMMs (grouped.ffn_path).
     At T >= PARTS_MIN_TOKENS the rows "grouped:plan", "grouped:gather" and "grouped:combine" (part_of "grouped", no
-    weights) time grouped's work outside the bound, each part alone (grouped_parts), in the same rounds.
+    weights, after "gemm_only") time grouped's work outside the bound (grouped_parts), in the same rounds, each call
+    right after an untimed call of the bound (timing.after), as in a forward.
     confirm: where a target's limit lies inside the interval of the case's paired ratio after `reps` rounds
     (cpu_targets), `confirm` more interleaved rounds of grouped and the other side of that ratio (the bound, or
     every transformers peer: which one is the best may change) are timed and appended (timing.extend; 0: none).
@@ -189,9 +192,10 @@ def bench_cpu(shapes, token_counts, dtypes, strategies=CPU_STRATEGIES, peers=CPU
             counts = torch.bincount(r.topk_ids.reshape(-1), minlength=sh.num_experts).tolist()
             fns, skipped = _providers(layer, x, r, strategies, peers, sh, T)
             paths = _paths(layer, counts, fns)
-            parts = (grouped_parts(x, r, layer.w13, layer.w2) if "grouped" in fns and T >= PARTS_MIN_TOKENS
-                     else {})
-            timed = {BOUND: gemm_only(x, counts, layer.w13, layer.w2), **fns, **parts}
+            bound = gemm_only(x, counts, layer.w13, layer.w2)
+            parts = ({n: after(bound, f) for n, f in grouped_parts(x, r, layer.w13, layer.w2).items()}
+                     if "grouped" in fns and T >= PARTS_MIN_TOKENS else {})
+            timed = {BOUND: bound, **fns, **parts}
             times = time_cpu(timed, rounds=reps, threads=threads, clock=clock)
             base = dict(shape=sh.name, dtype=dt_name, tokens=T)
             packed = {BOUND, "grouped"} if layer.prepacked else set()
@@ -229,9 +233,9 @@ def _case_rows(base: dict, times: dict, parts: dict, paths: dict, methods: dict,
             row["gemm_methods"] = methods
         if name in paths:
             row["path"] = paths[name]
-        if name in parts:  # no weights of its own: a part of the grouped strategy's forward
+        if name in parts:  # no weights of its own: a part of the grouped strategy's forward, timed after the bound
             del row["weights"]
-            row["part_of"] = "grouped"
+            row.update(part_of="grouped", after=BOUND)
         if name in flags:
             row["warning"] = flags[name]
         rows.append(row)
@@ -244,8 +248,9 @@ def cpu_targets(rows: list[dict], min_tokens: int = BOUND_MIN_TOKENS, bound_limi
     - grouped <= bound_limit x the GEMM-only bound at every T >= min_tokens (each shape and dtype);
     - grouped <= 1.0 x the best transformers experts implementation measured at the same case (the one with
       the lowest median; the ratio paired round by round, as ratio_to_bound is).
-    A bound entry of a case with part rows (grouped_parts) also holds parts {part: ratio to the bound} and floor,
-    1 + their sum: the bound plus the work it leaves out, each part timed alone (a lower estimate).
+    A bound entry of a case with part rows (grouped_parts) also holds parts {part: ratio to the bound} and
+    bound_plus_parts, 1 + their sum: the bound plus the work it leaves out, each part timed as a forward meets it
+    (right after the bound's GEMMs): what grouped's ratio comes to where its GEMMs take the bound's time.
     trusted: no provider row of the case carries a warning (the part rows' own spreads do not count).
     ci [lo, hi] and coverage: the distribution-free interval of the paired ratio (timing.paired_ratio_ci: two order
     statistics of the per-round ratios, 95 % from 6 rounds on) and rounds, how many rounds it pairs, where the rows
@@ -267,8 +272,8 @@ def cpu_targets(rows: list[dict], min_tokens: int = BOUND_MIN_TOKENS, bound_limi
                          **_interval(r, ok.get((sh, dt, T, BOUND))))
             parts = {p.split(":", 1)[1]: v["ratio_to_bound"] for (s2, d2, t2, p), v in ok.items()
                      if (s2, d2, t2) == (sh, dt, T) and v.get("part_of") == "grouped"}
-            if parts:  # what the bound leaves out, each part timed alone: the strategy cannot go below this
-                entry.update(parts=parts, floor=1.0 + sum(parts.values()))
+            if parts:  # what the bound leaves out, each part as a forward meets it
+                entry.update(parts=parts, bound_plus_parts=1.0 + sum(parts.values()))
             out.append(entry)
         peers = {p: v["seconds"] for (s2, d2, t2, p), v in ok.items() if (s2, d2, t2) == (sh, dt, T)
                  and p.startswith("hf_")}
@@ -334,9 +339,10 @@ def print_table(rows: list[dict], targets: list[dict] | None = None) -> None:
             noise = "; the limit lies inside it: within this run's noise" if _within_noise(t) else ""
             over = f" over {t['rounds']} rounds" if t.get("rounds") else ""
             note = f"  [{100 * t['coverage']:.0f} % interval {lo:.2f}-{hi:.2f}x{over}{noise}]" + note
-        floor = ("; outside the bound, each part alone: " + " + ".join(f"{p} {v:.2f}x" for p, v in t["parts"].items())
-                 + f", so at least {t['floor']:.2f}x") if t.get("parts") else ""
-        print(f"{mark} {t['target']}: {t['shape']} {t['dtype']} T={t['tokens']}: {t['value']:.2f}x{peer}{floor}{note}")
+        parts = ("; outside the bound, each part right after its GEMMs: "
+                 + " + ".join(f"{p} {v:.3f}x" for p, v in t["parts"].items())
+                 + f", bound + parts {t['bound_plus_parts']:.2f}x") if t.get("parts") else ""
+        print(f"{mark} {t['target']}: {t['shape']} {t['dtype']} T={t['tokens']}: {t['value']:.2f}x{peer}{parts}{note}")
     if targets:
         close = sum(map(_within_noise, targets))
         print(f"targets: {sum(t['met'] for t in targets)} of {len(targets)} met; {close} verdict(s) within this run's "
